@@ -1,0 +1,1 @@
+"""The Hub model card: template and generator (see generate.py)."""

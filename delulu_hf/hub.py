@@ -35,6 +35,9 @@ PathLike = str | os.PathLike
 CODE_FILES = ("configuration_delulu.py", "modeling_delulu.py")
 #: Where the k-means centroids (and their JSON provenance) go inside the repository folder.
 CENTROIDS_SUBDIR = "kmeans"
+#: File stems of a centroid pair: ``training/pretrain.py`` writes ``kmeans_centroids.*`` into its
+#: final folder, ``training/prepare_labels.py`` writes ``centroids.*``.
+CENTROIDS_STEMS = ("kmeans_centroids", "centroids")
 #: Auto classes the published ``config.json`` must map, so every entry point works remotely.
 REQUIRED_AUTO_CLASSES = (
     "AutoConfig",
@@ -104,12 +107,13 @@ def _check_values(value: Any, where: str, path: Path) -> None:
 
 
 def find_centroids(checkpoint: PathLike) -> tuple[Path, Path] | None:
-    """The ``centroids.safetensors`` + ``centroids.json`` pair saved beside a checkpoint, if any."""
+    """The centroid ``.safetensors`` + provenance ``.json`` pair saved with a checkpoint, if any."""
     checkpoint = Path(checkpoint)
     for folder in (checkpoint, checkpoint / CENTROIDS_SUBDIR, checkpoint.parent):
-        tensors, provenance = folder / "centroids.safetensors", folder / "centroids.json"
-        if tensors.is_file() and provenance.is_file():
-            return tensors, provenance
+        for stem in CENTROIDS_STEMS:
+            tensors, provenance = folder / f"{stem}.safetensors", folder / f"{stem}.json"
+            if tensors.is_file() and provenance.is_file():
+                return tensors, provenance
     return None
 
 

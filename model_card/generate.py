@@ -117,7 +117,7 @@ def training_section(
         shown = {k: provenance[k] for k in sorted(provenance) if not isinstance(provenance[k], (dict, list))}
         lines += [
             "",
-            "Label provenance (`kmeans/centroids.json`):",
+            "Label provenance (the JSON beside the centroids in `kmeans/`):",
             "",
             "```json",
             json.dumps(shown, indent=2),

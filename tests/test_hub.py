@@ -80,8 +80,9 @@ def checkpoint(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("ckpt") / "final"
     model = DeluluForPreTraining(tiny_config()).eval()
     model.save_pretrained(folder)
-    save_file({"centroids": torch.randn(8, 600)}, str(folder / "centroids.safetensors"))
-    (folder / "centroids.json").write_text(
+    # Named as training/pretrain.py names them in its final folder.
+    save_file({"centroids": torch.randn(8, 600)}, str(folder / "kmeans_centroids.safetensors"))
+    (folder / "kmeans_centroids.json").write_text(
         json.dumps({"k": 8, "feature_dim": 600, "teacher": "redimnet-b0-demo"})
     )
     (folder / "training_config.json").write_text(
@@ -135,8 +136,8 @@ def test_dry_run_builds_complete_folder_without_network(built, capsys):
         "README.md",
         "results.json",
         "plots/det_curve.png",
-        "kmeans/centroids.safetensors",
-        "kmeans/centroids.json",
+        "kmeans/kmeans_centroids.safetensors",
+        "kmeans/kmeans_centroids.json",
     ):
         assert name in files, name
     auto_map = json.loads((out / "config.json").read_text())["auto_map"]

@@ -1,0 +1,843 @@
+"""Small-scale replication of DELULU's central claim: speaker-aware labels vs content (MFCC) labels.
+
+At equal data, model size, steps and seeds, an encoder pretrained on ReDimNet k-means ids (DELULU)
+should carry more speaker information than one pretrained on MFCC k-means ids (the HuBERT-style
+control). This module is the experiment's plan and orchestration; every stage is the project's own
+code, so the replication measures the pipeline that ships:
+
+1. teacher: the committed demo teacher (copied into the run) or one retrained with
+   ``delulu_hf.teacher_training.train_teacher`` on the training speakers;
+2. labels: ``training/prepare_labels.py`` with the teacher and with MFCC features, same k and fit
+   settings as ``training/configs/demo.yaml``, training split only, with the purity/NMI report;
+3. pretraining: ``training/pretrain.py`` (subprocesses, so each run has a fresh accelerate state)
+   for every variant x seed, identical encoder config and steps;
+4. evaluation: ``delulu_hf.evaluation.tasks.run_evaluation`` on the held-out speakers, plus the
+   references that need no pretraining (MFCC mean, a randomly initialised encoder, the teacher);
+5. aggregation over seeds (mean, sample std, min/max), ``results.json``, a Markdown table, plots.
+
+The evaluation seed is fixed (0) for every model so all models see the same trials, probe splits
+and generated mixtures; only the pretraining seed varies across repeats.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_CONFIG = os.path.join(REPO, "training", "configs", "demo.yaml")
+EVAL_TASKS = ("verification", "profiling", "counting", "diarization")
+EVAL_SEED = 0  # identical trials / probe splits / generated mixtures for every model
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One pretrained encoder recipe; everything not named here is shared by all variants."""
+
+    name: str
+    labels: str  # "redimnet" (teacher k-means) or "mfcc" (HuBERT-style control)
+    denoise_loss_weight: float | None  # None: the DeluluConfig default (lambda = 0.1)
+    description: str
+
+
+VARIANTS: tuple[Variant, ...] = (
+    Variant("delulu", "redimnet", None, "ReDimNet labels, masked + denoising (default lambda)"),
+    Variant(
+        "delulu_lambda0",
+        "redimnet",
+        0.0,
+        "ReDimNet labels, lambda = 0 (masked loss only; inputs still corrupted)",
+    ),
+    Variant("mfcc_control", "mfcc", None, "MFCC labels, masked + the same denoising corruption/lambda"),
+)
+LABEL_SETS = ("redimnet", "mfcc")
+
+# Headline metrics: key -> (label in the table, lower is better, shown as percent).
+METRICS: dict[str, tuple[str, bool, bool]] = {
+    "eer_last": ("EER last layer", True, True),
+    "eer_best": ("EER best layer", True, True),
+    "min_dcf_0.01_last": ("minDCF0.01 last", True, False),
+    "min_dcf_0.05_last": ("minDCF0.05 last", True, False),
+    "gender_accuracy": ("gender acc", False, True),
+    "language_accuracy": ("language acc", False, True),
+    "counting_accuracy": ("count acc", False, True),
+    "der_known_collar_0": ("DER (known #spk, c0)", True, True),
+}
+
+
+@dataclasses.dataclass
+class ReplicationPlan:
+    """Everything a run needs; ``make_plan`` fills it for ``--quick`` and the full mode."""
+
+    output: str
+    results_dir: str
+    mode: str  # "quick" | "full" | "custom"
+    seeds: tuple[int, ...]
+    steps: int
+    warmup_steps: int
+    data: str = os.path.join(REPO, "data", "demo_corpus")
+    mixtures: str | None = os.path.join(REPO, "data", "demo_mixtures")
+    teacher: str = os.path.join(REPO, "data", "demo_teacher")
+    retrain_teacher: bool = False
+    teacher_steps: int = 300
+    noise_dir: str | None = os.path.join(REPO, "data", "demo_noise")
+    base_config: str = DEMO_CONFIG
+    variants: tuple[Variant, ...] = VARIANTS
+    tasks: tuple[str, ...] = EVAL_TASKS
+    k: int = 100
+    label_max_frames: int = 60_000
+    label_fit_hours: float | None = 0.25
+    label_n_init: int = 3
+    max_train_items: int | None = None  # a seeded subset of training items (tests only)
+    max_sample_length: int | None = None  # None: the base config's crop length
+    max_batch_samples: int | None = None  # None: the base config's batch size
+    eval_batch_seconds: float = 60.0
+    eval_mixtures_per_count: int = 12
+    model_overrides: dict = dataclasses.field(default_factory=dict)  # tiny encoders in tests
+    progress: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["variants"] = [dataclasses.asdict(v) for v in self.variants]
+        return out
+
+
+def _base_config_values(path: str) -> dict[str, Any]:
+    import yaml
+
+    with open(path, encoding="utf-8") as handle:
+        return yaml.safe_load(handle) or {}
+
+
+def make_plan(
+    quick: bool = False,
+    seeds: Sequence[int] | None = None,
+    steps: int | None = None,
+    output: str = "runs/replicate",
+    results_dir: str = "results/small_scale",
+    retrain_teacher: bool = False,
+    **overrides: Any,
+) -> ReplicationPlan:
+    """The experiment plan.
+
+    Full mode: 3 variants x 2 seeds x 400 steps (a bit longer than the demo run's 300, so the
+    comparison is not made at the very start of training); the demo config's stated speed (300
+    steps in < 10 min on 2 cores) puts it near 80 min on 2 idle cores -- not yet measured here.
+    Quick mode: one seed, 20 steps, the whole pipeline (two label sets, three pretraining runs,
+    six evaluations); its numbers are a check of the pipeline, not evidence about the claim.
+    On a shared, loaded machine both take several times longer (see results/small_scale).
+    ``k`` and the label fit settings come from the base (demo) config so the labels match it.
+    """
+    base = _base_config_values(overrides.get("base_config", DEMO_CONFIG))
+    if seeds is not None and len(seeds) == 0:
+        raise ValueError("--seeds needs at least one seed")
+    if seeds is None:
+        seeds = (0,) if quick else (0, 1)
+    if steps is None:
+        steps = 20 if quick else 400
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    mode = "quick" if quick else "full"
+    if (quick and (tuple(seeds) != (0,) or steps != 20)) or (
+        not quick and (tuple(seeds) != (0, 1) or steps != 400)
+    ):
+        mode = "custom"
+    base_warmup, base_steps = int(base.get("warmup_steps", 40)), int(base.get("max_steps", 300))
+    values: dict[str, Any] = dict(
+        output=output,
+        results_dir=results_dir,
+        mode=mode,
+        seeds=tuple(int(s) for s in seeds),
+        steps=int(steps),
+        # Same warmup fraction as the demo run (40 of 300 steps), whatever the length.
+        warmup_steps=max(1, round(steps * base_warmup / base_steps)),
+        retrain_teacher=retrain_teacher,
+        k=int((base.get("model") or {}).get("num_clusters", 100)),
+        label_max_frames=int(base.get("label_max_frames", 60_000)),
+        label_fit_hours=base.get("label_fit_hours"),
+        label_n_init=int(base.get("label_kmeans_n_init") or 3),
+    )
+    values.update(overrides)
+    if "variants" in values:
+        values["variants"] = tuple(values["variants"])
+    plan = ReplicationPlan(**values)
+    unknown = [t for t in plan.tasks if t not in ("verification", "profiling", "counting", "diarization")]
+    if unknown:
+        raise ValueError(f"unsupported evaluation task(s) {unknown}")
+    return plan
+
+
+# =============================================================================================
+# Stages
+# =============================================================================================
+
+
+def _run(cmd: list[str], log_path: str, what: str) -> None:
+    """Run a stage as a subprocess, its output in ``log_path``; a failure names the stage and log."""
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    logger.info("%s: %s", what, " ".join(cmd))
+    with open(log_path, "w", encoding="utf-8") as log:
+        done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
+    if done.returncode != 0:
+        with open(log_path, encoding="utf-8", errors="replace") as log:
+            tail = log.read()[-2000:]
+        raise RuntimeError(f"{what} failed (exit {done.returncode}); log {log_path}:\n{tail}")
+
+
+def prepare_teacher(plan: ReplicationPlan) -> str:
+    """``OUTPUT/teacher``: the committed teacher (copied, so the run folder is self-contained) or a
+    ReDimNet retrained on the training speakers only (the test split is used only for its EER)."""
+    dest = os.path.join(plan.output, "teacher")
+    if os.path.isfile(os.path.join(dest, "config.json")) and os.path.isfile(
+        os.path.join(dest, "model.safetensors")
+    ):
+        return dest
+    if plan.retrain_teacher:
+        from delulu_hf.teacher_training import TeacherTrainingConfig, train_teacher
+
+        summary_path = os.path.join(plan.teacher, "train_summary.json")
+        overrides = {}
+        if os.path.isfile(summary_path):  # same architecture as the committed teacher
+            with open(summary_path, encoding="utf-8") as handle:
+                overrides = json.load(handle).get("model_overrides", {}) or {}
+        trials = os.path.join(plan.data, "trials.csv")
+        train_teacher(
+            TeacherTrainingConfig(
+                data=plan.data,
+                output_dir=dest,
+                model_overrides=overrides,
+                trials=trials if os.path.isfile(trials) else None,
+                noise_dir=plan.noise_dir,
+                max_steps=plan.teacher_steps,
+                seed=plan.seeds[0],
+            )
+        )
+        return dest
+    tmp = dest + f".tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(plan.teacher, tmp)
+    os.replace(tmp, dest)
+    return dest
+
+
+def base_model_config(plan: ReplicationPlan):
+    """The shared encoder config: the base YAML's ``model`` block (+ test overrides), with the
+    label provenance fields cleared so each label run fills in its own teacher name and dim."""
+    from delulu_hf import pretraining as P
+
+    cfg = P.parse_config([], default_config=plan.base_config)
+    cfg.model = {**cfg.model, **plan.model_overrides, "num_clusters": plan.k}
+    config = P.build_model_config(cfg)
+    config.label_teacher_name = None
+    config.label_feature_dim = None
+    return config
+
+
+@dataclasses.dataclass
+class LabelRun:
+    """Where one label set lives and what its diagnostics say."""
+
+    name: str
+    folder: str
+    dataset: str
+    centroids: str
+    model_config: str
+    report: dict[str, Any]
+
+
+def prepare_labels(plan: ReplicationPlan, label_set: str, teacher: str) -> LabelRun:
+    """``OUTPUT/labels/<set>``: centroids, labelled training split, model config and the report
+    (occupancy, purity/NMI vs speakers, frame alignment). Reused when already complete."""
+    if label_set not in LABEL_SETS:
+        raise ValueError(f"unknown label set {label_set!r}; choose from {LABEL_SETS}")
+    folder = os.path.join(plan.output, "labels", label_set)
+    report_path = os.path.join(folder, "report", "report.json")
+    if not os.path.isfile(report_path):
+        os.makedirs(folder, exist_ok=True)
+        config_path = os.path.join(folder, "base_model_config.json")
+        base_model_config(plan).to_json_file(config_path)
+        source = ["--features", "mfcc"] if label_set == "mfcc" else ["--teacher", teacher]
+        cmd = [sys.executable, os.path.join(REPO, "training", "prepare_labels.py"), "--data", plan.data]
+        cmd += ["--split", "train", *source, "--model-config", config_path, "--k", str(plan.k)]
+        cmd += ["--max-frames", str(plan.label_max_frames), "--n-init", str(plan.label_n_init)]
+        if plan.label_fit_hours is not None:
+            cmd += ["--fit-hours", str(plan.label_fit_hours)]
+        cmd += ["--output", folder, "--report", os.path.join(folder, "report")]
+        cmd += ["--cache-dir", os.path.join(plan.output, "cache", "datasets")]
+        _run(cmd, os.path.join(folder, "prepare_labels.log"), f"labels ({label_set})")
+    with open(report_path, encoding="utf-8") as handle:
+        report = json.load(handle)
+    return LabelRun(
+        name=label_set,
+        folder=folder,
+        dataset=os.path.join(folder, "dataset"),
+        centroids=os.path.join(folder, "centroids.safetensors"),
+        model_config=os.path.join(folder, "model_config.json"),
+        report=report,
+    )
+
+
+def pretrain_command(plan: ReplicationPlan, variant: Variant, seed: int, labels: LabelRun) -> list[str]:
+    """The ``training/pretrain.py`` invocation for one variant and seed (only λ differs by variant)."""
+    out = os.path.join(plan.output, "pretrain", f"{variant.name}-seed{seed}")
+    cmd = [sys.executable, os.path.join(REPO, "training", "pretrain.py"), "--config", plan.base_config]
+    cmd += ["--output_dir", out, "--seed", str(seed), "--max_steps", str(plan.steps)]
+    cmd += ["--warmup_steps", str(plan.warmup_steps), "--save_steps", str(plan.steps)]
+    cmd += ["--logging_steps", str(max(1, min(10, plan.steps // 8)))]
+    cmd += ["--dataset", labels.dataset, "--dataset_split", "train", "--centroids", labels.centroids]
+    cmd += ["--model_config", labels.model_config, "--report_to", "none", "--save_total_limit", "1"]
+    if plan.noise_dir:
+        cmd += ["--noise_dir", plan.noise_dir]
+    if plan.max_train_items is not None:
+        cmd += ["--max_train_items", str(plan.max_train_items)]
+    if plan.max_sample_length is not None:
+        cmd += ["--max_sample_length", str(plan.max_sample_length)]
+        cmd += ["--min_sample_length", str(min(16000, plan.max_sample_length))]
+    if plan.max_batch_samples is not None:
+        cmd += ["--max_batch_samples", str(plan.max_batch_samples)]
+    for key, value in {**plan.model_overrides, "num_clusters": plan.k}.items():
+        cmd += [f"--model.{key}", json.dumps(value)]
+    if variant.denoise_loss_weight is not None:
+        cmd += ["--model.denoise_loss_weight", str(float(variant.denoise_loss_weight))]
+    return cmd
+
+
+def pretrain(plan: ReplicationPlan, variant: Variant, seed: int, labels: LabelRun) -> str:
+    """Train one encoder; returns its ``save_pretrained`` folder (reused when already complete)."""
+    out = os.path.join(plan.output, "pretrain", f"{variant.name}-seed{seed}")
+    final = os.path.join(out, "final")
+    done = os.path.join(final, "training_config.json")
+    if os.path.isfile(done):
+        with open(done, encoding="utf-8") as handle:
+            if json.load(handle).get("max_steps") == plan.steps:
+                return final
+    _run(pretrain_command(plan, variant, seed, labels), os.path.join(out, "pretrain.log"), f"pretrain {out}")
+    return final
+
+
+def random_init_model(plan: ReplicationPlan, labels: LabelRun, seed: int) -> str:
+    """A randomly initialised encoder with the shared config, saved like a trained one: the
+    "no pretraining" reference that says how much speaker information the architecture alone gives."""
+    import torch
+
+    from delulu_hf import DeluluConfig, DeluluForPreTraining
+    from delulu_hf.modeling_delulu import default_feature_extractor
+
+    folder = os.path.join(plan.output, "random_init", f"seed{seed}")
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        return folder
+    config = DeluluConfig.from_json_file(labels.model_config)
+    for key, value in plan.model_overrides.items():
+        setattr(config, key, value)
+    torch.manual_seed(seed)
+    model = DeluluForPreTraining(config)
+    tmp = folder + f".tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    default_feature_extractor(config, do_normalize=True).save_pretrained(tmp)
+    os.replace(tmp, folder)
+    return folder
+
+
+def evaluate(plan: ReplicationPlan, name: str, model: str) -> dict[str, Any]:
+    """``run_evaluation`` for one model on the held-out speakers; the zero-shot scores of every
+    layer are kept in ``curves.npz`` for the combined DET plot."""
+    import torch
+
+    from delulu_hf.evaluation.tasks import run_evaluation
+
+    out = os.path.join(plan.output, "eval", name)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    results = run_evaluation(
+        model=model,
+        data=plan.data,
+        output=out,
+        tasks=list(plan.tasks),
+        mixtures=plan.mixtures,
+        device=device,
+        batch_seconds=plan.eval_batch_seconds,
+        seed=EVAL_SEED,
+        cache_dir=os.path.join(out, "cache"),
+        mixtures_per_count=plan.eval_mixtures_per_count,
+        command=f"delulu_hf.replication.evaluate({name!r}, {model!r})",
+        progress=plan.progress,
+    )
+    curves = results.get("tasks", {}).get("verification", {}).get("_curves", {})
+    arrays = {}
+    for i, (_name, (scores, target)) in enumerate(curves.items()):
+        arrays[f"scores_{i}"], arrays[f"labels_{i}"] = np.asarray(scores), np.asarray(target)
+    if arrays:
+        tmp = os.path.join(out, f".curves-{os.getpid()}.npz")
+        np.savez(tmp, names=np.array(list(curves)), **arrays)
+        os.replace(tmp, os.path.join(out, "curves.npz"))
+    return results
+
+
+def load_curves(eval_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The DET inputs ``evaluate`` kept (empty when verification did not run)."""
+    path = os.path.join(eval_dir, "curves.npz")
+    if not os.path.isfile(path):
+        return {}
+    with np.load(path, allow_pickle=False) as data:
+        return {str(n): (data[f"scores_{i}"], data[f"labels_{i}"]) for i, n in enumerate(data["names"])}
+
+
+# =============================================================================================
+# Aggregation and reporting
+# =============================================================================================
+
+
+def headline_metrics(results: dict[str, Any]) -> dict[str, float | None]:
+    """The table's numbers from one ``run_evaluation`` result (None where a task did not run)."""
+    tasks = results.get("tasks", {})
+
+    def get(task: str, *keys: str) -> float | None:
+        value: Any = tasks.get(task)
+        for key in keys:
+            if not isinstance(value, dict) or key not in value:
+                return None
+            value = value[key]
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    return {
+        "eer_last": get("verification", "eer"),
+        "eer_best": get("verification", "best_layer_eer"),
+        "min_dcf_0.01_last": get("verification", "min_dcf_0.01"),
+        "min_dcf_0.05_last": get("verification", "min_dcf_0.05"),
+        "gender_accuracy": get("profiling", "gender", "accuracy"),
+        "language_accuracy": get("profiling", "language", "accuracy"),
+        "counting_accuracy": get("counting", "accuracy"),
+        "der_known_collar_0": get("diarization", "der_known_collar_0"),
+    }
+
+
+def per_layer_eer(results: dict[str, Any]) -> list[tuple[str, float]]:
+    """(layer name, EER) for every layer of the zero-shot verification."""
+    entries = results.get("tasks", {}).get("verification", {}).get("per_layer", [])
+    return [(str(e["layer"]), float(e["eer"])) for e in entries]
+
+
+def aggregate(values: Sequence[float | None]) -> dict[str, Any]:
+    """Mean, sample standard deviation (ddof 1; None for one seed), min, max over seeds."""
+    kept = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not kept:
+        return {"mean": None, "std": None, "min": None, "max": None, "n": 0, "values": []}
+    arr = np.asarray(kept)
+    return {
+        "mean": float(arr.mean()),
+        "std": float(arr.std(ddof=1)) if len(arr) > 1 else None,
+        "min": float(arr.min()),
+        "max": float(arr.max()),
+        "n": len(kept),
+        "values": kept,
+    }
+
+
+def summarise(per_seed: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{model: [metrics of seed 0, seed 1, ...]}`` -> ``{model: {metric: aggregate}}``."""
+    return {
+        model: {key: aggregate([run.get(key) for run in runs]) for key in METRICS}
+        for model, runs in per_seed.items()
+    }
+
+
+def format_cell(stats: dict[str, Any], percent: bool) -> str:
+    """``mean ± std`` (percent or 3 decimals); ``-`` when missing; no ± for a single seed."""
+    if stats.get("mean") is None:
+        return "-"
+    scale, unit, digits = (100.0, "%", 1) if percent else (1.0, "", 3)
+    text = f"{stats['mean'] * scale:.{digits}f}"
+    if stats.get("std") is not None:
+        text += f" ± {stats['std'] * scale:.{digits}f}"
+    return text + unit
+
+
+def results_table(summary: dict[str, dict[str, dict[str, Any]]], seeds_of: dict[str, int]) -> str:
+    """The Markdown results table: one row per model, mean ± std over seeds."""
+    header = "| model | seeds | " + " | ".join(label for label, _, _ in METRICS.values()) + " |"
+    lines = [header, "|" + "---|" * (len(METRICS) + 2)]
+    for model, stats in summary.items():
+        cells = [format_cell(stats[key], pct) for key, (_, _, pct) in METRICS.items()]
+        lines.append(f"| {model} | {seeds_of.get(model, 1)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def label_summary(report: dict[str, Any]) -> dict[str, Any]:
+    """The label-quality numbers that explain a result: occupancy and speaker structure."""
+    diag = report.get("diagnostics", {})
+    speaker = diag.get("speaker", {})
+    return {
+        "k": diag.get("k"),
+        "frames": diag.get("frames"),
+        "items": diag.get("items"),
+        "perplexity": diag.get("perplexity"),
+        "normalized_entropy": diag.get("normalized_entropy"),
+        "used_clusters": diag.get("used_clusters"),
+        "dead_clusters": len(diag.get("dead_clusters", [])),
+        "dominant_clusters": len(diag.get("dominant_clusters", [])),
+        "speaker_purity": speaker.get("purity"),
+        "speaker_nmi": speaker.get("nmi"),
+        "speaker_normalized_mi": speaker.get("speaker_normalized_mi"),
+        "per_speaker_clusters_used_mean": speaker.get("per_speaker_clusters_used_mean"),
+        "speakers": speaker.get("speakers"),
+        "teacher": (report.get("centroids") or {}).get("teacher", {}).get("name"),
+    }
+
+
+def verdict(summary: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """One sentence comparing DELULU's and the control's zero-shot last-layer EER, with the spread."""
+    a = summary.get("delulu", {}).get("eer_last", {})
+    b = summary.get("mfcc_control", {}).get("eer_last", {})
+    if a.get("mean") is None or b.get("mean") is None:
+        return "DELULU vs control: not measured."
+    diff = b["mean"] - a["mean"]
+    spread = max(a.get("std") or 0.0, b.get("std") or 0.0)
+    if a.get("std") is None or b.get("std") is None:
+        qualifier = "single seed, no spread: not conclusive"
+    elif abs(diff) > 2 * spread:
+        qualifier = "more than twice the larger seed std"
+    else:
+        qualifier = "within twice the larger seed std: not conclusive"
+    if diff > 0:
+        return f"DELULU's zero-shot EER is {100 * diff:.1f} points below the MFCC control's ({qualifier})."
+    return f"DELULU's zero-shot EER is NOT below the MFCC control's: {100 * -diff:.1f} points higher ({qualifier})."
+
+
+# ---- plots ----------------------------------------------------------------------------------
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_det(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str, title: str) -> str:
+    """DET curves of several models on one set of axes (the evaluation module's plotter)."""
+    from delulu_hf.evaluation.metrics import plot_det_curves
+
+    return str(plot_det_curves(curves, path, title=title))
+
+
+def plot_eer_per_layer(layers: dict[str, list[list[tuple[str, float]]]], path: str) -> str:
+    """Zero-shot EER of every layer, mean over seeds with min-max bars, one line per model."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for model, runs in layers.items():
+        runs = [r for r in runs if r]
+        if not runs:
+            continue
+        names = [n for n, _ in runs[0]]
+        values = np.array([[e for _, e in r] for r in runs if len(r) == len(names)]) * 100
+        x = np.arange(len(names))
+        mean = values.mean(axis=0)
+        ax.plot(x, mean, marker="o", label=f"{model} (n={len(values)})")
+        if len(values) > 1:
+            ax.fill_between(x, values.min(axis=0), values.max(axis=0), alpha=0.2)
+        if len(names) <= 12:
+            for xi, name in zip(x, names):
+                ax.annotate(name, (xi, mean[xi]), fontsize=6, alpha=0.6, rotation=30)
+    ax.set_xlabel("layer index (0 = first stream)")
+    ax.set_ylabel("zero-shot EER (%)")
+    ax.set_title("EER per layer (held-out speakers)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_loss_curves(metric_files: dict[str, str], path: str) -> str | None:
+    """Masked loss and masked-frame accuracy against step for every pretraining run."""
+    from delulu_hf.pretraining import MetricsLog
+
+    records = {name: MetricsLog.read(f) for name, f in metric_files.items()}
+    records = {name: r for name, r in records.items() if r}
+    if not records:
+        return None
+    plt = _pyplot()
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, (name, recs) in enumerate(sorted(records.items())):
+        steps = [r["step"] for r in recs]
+        colour = f"C{i % 10}"
+        ax_loss.plot(steps, [r.get("masked_loss", float("nan")) for r in recs], color=colour, label=name)
+        ax_acc.plot(steps, [r.get("masked_accuracy", float("nan")) for r in recs], color=colour, label=name)
+    ax_loss.set_xlabel("step"), ax_loss.set_ylabel("masked cross-entropy")
+    ax_acc.set_xlabel("step"), ax_acc.set_ylabel("masked-frame accuracy")
+    ax_loss.legend(fontsize=7)
+    ax_loss.set_title(
+        "Note: ReDimNet and MFCC targets differ, losses are not comparable across label sets", fontsize=7
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_cluster_diagnostics(label_runs: dict[str, LabelRun], path: str) -> str:
+    """Both label sets side by side: speaker purity/NMI/normalised MI and sorted cluster occupancy."""
+    plt = _pyplot()
+    fig, (ax_bar, ax_occ) = plt.subplots(1, 2, figsize=(11, 4))
+    keys = ("speaker_purity", "speaker_nmi", "speaker_normalized_mi", "normalized_entropy")
+    width = 0.8 / max(len(label_runs), 1)
+    for i, (name, run) in enumerate(label_runs.items()):
+        summary = label_summary(run.report)
+        values = [summary.get(k) or 0.0 for k in keys]
+        ax_bar.bar(np.arange(len(keys)) + i * width, values, width, label=name)
+        occupancy = os.path.join(run.folder, "report", "occupancy.json")
+        if os.path.isfile(occupancy):
+            with open(occupancy, encoding="utf-8") as handle:
+                counts = np.sort(np.asarray(json.load(handle)["counts"], dtype=float))[::-1]
+            ax_occ.plot(counts / max(counts.sum(), 1.0), label=name)
+    ax_bar.set_xticks(np.arange(len(keys)) + width * (len(label_runs) - 1) / 2)
+    ax_bar.set_xticklabels(["purity", "NMI", "I/H(spk)", "H/log k"], fontsize=8)
+    ax_bar.set_title("cluster ids vs training speakers")
+    ax_bar.legend()
+    ax_occ.set_xlabel("cluster (sorted by size)"), ax_occ.set_ylabel("share of frames")
+    ax_occ.set_title("occupancy")
+    ax_occ.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# =============================================================================================
+# The whole experiment
+# =============================================================================================
+
+
+def _atomic_write(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def _environment() -> dict[str, Any]:
+    import torch
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "cuda": torch.cuda.is_available(),
+    }
+
+
+def run_replication(
+    plan: ReplicationPlan,
+    command: str | None = None,
+    stage_hook: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run every stage of ``plan`` (completed stages in ``plan.output`` are reused) and write
+    ``results.json``, ``results.md`` and the plots to ``plan.results_dir``; returns the results."""
+    from tqdm.auto import tqdm
+
+    started = time.time()
+    timings: dict[str, float] = {}
+    environment = _environment()
+
+    def timed(stage: str, fn: Callable[..., Any], *args: Any) -> Any:
+        if stage_hook is not None:
+            stage_hook(stage)
+        t0 = time.time()
+        value = fn(*args)
+        timings[stage] = round(time.time() - t0, 1)
+        logger.info("stage %s: %.1f s", stage, timings[stage])
+        return value
+
+    os.makedirs(plan.output, exist_ok=True)
+    _atomic_write(os.path.join(plan.output, "plan.json"), json.dumps(plan.to_dict(), indent=2) + "\n")
+    n_stages = 1 + len({v.labels for v in plan.variants}) + len(plan.variants) * len(plan.seeds) * 2 + 3
+    bar = tqdm(total=n_stages, desc="replicate", disable=not plan.progress)
+
+    teacher = timed("teacher", prepare_teacher, plan)
+    bar.update()
+    label_runs: dict[str, LabelRun] = {}
+    for label_set in [s for s in LABEL_SETS if any(v.labels == s for v in plan.variants)]:
+        label_runs[label_set] = timed(f"labels/{label_set}", prepare_labels, plan, label_set, teacher)
+        bar.update()
+
+    models: dict[str, list[tuple[int, str]]] = {}
+    for variant in plan.variants:
+        for seed in plan.seeds:
+            final = timed(
+                f"pretrain/{variant.name}/seed{seed}",
+                pretrain,
+                plan,
+                variant,
+                seed,
+                label_runs[variant.labels],
+            )
+            models.setdefault(variant.name, []).append((seed, final))
+            bar.update()
+
+    references = {
+        "mfcc_mean": [(EVAL_SEED, "mfcc")],
+        "random_init": [(s, random_init_model(plan, next(iter(label_runs.values())), s)) for s in plan.seeds],
+        "teacher": [(EVAL_SEED, teacher)],
+    }
+    per_seed: dict[str, list[dict[str, Any]]] = {}
+    layers: dict[str, list[list[tuple[str, float]]]] = {}
+    runs: dict[str, list[dict[str, Any]]] = {}
+    det_curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for name, entries in {**models, **references}.items():
+        for seed, model in entries:
+            tag = f"{name}-seed{seed}" if name in models or name == "random_init" else name
+            results = timed(f"eval/{tag}", evaluate, plan, tag, model)
+            metrics = headline_metrics(results)
+            per_seed.setdefault(name, []).append(metrics)
+            layers.setdefault(name, []).append(per_layer_eer(results))
+            failed = {
+                t: e["error"]
+                for t, e in results.get("tasks", {}).items()
+                if isinstance(e, dict) and "error" in e
+            }
+            runs.setdefault(name, []).append(
+                {
+                    "seed": seed,
+                    "model": os.path.relpath(model, plan.output) if os.path.exists(model) else model,
+                    "metrics": metrics,
+                    "best_layer": results.get("tasks", {}).get("verification", {}).get("best_layer_name"),
+                    "per_layer_eer": dict(per_layer_eer(results)),
+                    "failed_tasks": failed,
+                    "eval_dir": os.path.relpath(os.path.join(plan.output, "eval", tag), plan.output),
+                }
+            )
+            if seed == plan.seeds[0] or name in ("mfcc_mean", "teacher"):
+                for label, curve in load_curves(os.path.join(plan.output, "eval", tag)).items():
+                    if label.endswith("(last)"):
+                        det_curves[f"{name} (last layer)"] = curve
+            if len(entries) == 1 or seed == entries[-1][0]:
+                bar.update()
+    bar.close()
+
+    summary = summarise(per_seed)
+    seeds_of = {name: len(v) for name, v in per_seed.items()}
+    first = next(iter(runs.values()))[0]
+    eval_counts = {}
+    any_results_path = os.path.join(plan.output, first["eval_dir"], "results.json")
+    if os.path.isfile(any_results_path):
+        with open(any_results_path, encoding="utf-8") as handle:
+            full = json.load(handle)
+        v = full.get("tasks", {}).get("verification", {})
+        eval_counts = {
+            "verification_trials": {"target": v.get("n_target"), "nontarget": v.get("n_nontarget")},
+            "verification_speakers": v.get("n_speakers"),
+            "verification_utterances": v.get("n_utterances"),
+            "speaker_split": full.get("speaker_split"),
+            "counting_test_mixtures": full.get("tasks", {}).get("counting", {}).get("n_test"),
+            "diarization_mixtures": full.get("tasks", {}).get("diarization", {}).get("n_files"),
+        }
+
+    os.makedirs(plan.results_dir, exist_ok=True)
+    plots = {
+        "det": os.path.basename(
+            plot_det(
+                det_curves,
+                os.path.join(plan.results_dir, "det_zero_shot.png"),
+                "Zero-shot verification, last layer (held-out speakers)",
+            )
+        )
+        if det_curves
+        else None,
+        "eer_per_layer": os.path.basename(
+            plot_eer_per_layer(layers, os.path.join(plan.results_dir, "eer_per_layer.png"))
+        ),
+        "cluster_diagnostics": os.path.basename(
+            plot_cluster_diagnostics(label_runs, os.path.join(plan.results_dir, "cluster_diagnostics.png"))
+        ),
+    }
+    metric_files = {
+        f"{v.name}-seed{s}": os.path.join(plan.output, "pretrain", f"{v.name}-seed{s}", "metrics.jsonl")
+        for v in plan.variants
+        for s in plan.seeds
+    }
+    loss_plot = plot_loss_curves(metric_files, os.path.join(plan.results_dir, "loss_curves.png"))
+    plots["loss_curves"] = os.path.basename(loss_plot) if loss_plot else None
+
+    wall = round(time.time() - started, 1)
+    results = {
+        "experiment": "small-scale replication: ReDimNet (speaker) labels vs MFCC (content) labels",
+        "mode": plan.mode,
+        "command": command,
+        "wall_seconds": wall,
+        "stage_seconds": timings,
+        "environment": environment,
+        "plan": {**plan.to_dict(), "output": plan.output, "results_dir": plan.results_dir},
+        "eval_seed": EVAL_SEED,
+        "eval_counts": eval_counts,
+        "labels": {name: label_summary(run.report) for name, run in label_runs.items()},
+        "summary": summary,
+        "runs": runs,
+        "verdict": verdict(summary),
+        "plots": plots,
+    }
+    _atomic_write(os.path.join(plan.results_dir, "results.json"), json.dumps(results, indent=2) + "\n")
+    _atomic_write(os.path.join(plan.results_dir, "results.md"), results_markdown(results, seeds_of))
+    return results
+
+
+def results_markdown(results: dict[str, Any], seeds_of: dict[str, int] | None = None) -> str:
+    """``results.md``: provenance, the table, the label diagnostics and the verdict."""
+    plan = results["plan"]
+    seeds_of = seeds_of or {name: len(r) for name, r in results["runs"].items()}
+    counts = results.get("eval_counts", {})
+    trials = counts.get("verification_trials", {})
+    lines = [
+        f"# Small-scale replication ({results['mode']} mode)",
+        "",
+        f"- command: `{results.get('command')}`",
+        f"- wall time: {results['wall_seconds'] / 60:.1f} min on {results['environment'].get('cpu_count')} CPU cores "
+        f"(load average at start {results['environment'].get('load_average_at_start')})",
+        f"- pretraining: {plan['steps']} steps, seeds {list(plan['seeds'])}, config `{os.path.relpath(plan['base_config'], REPO)}`"
+        f" (k = {plan['k']}), training split of `{os.path.relpath(plan['data'], REPO)}` only",
+        f"- evaluation: held-out speakers, eval seed {results['eval_seed']}; zero-shot verification "
+        f"{trials.get('target')} target / {trials.get('nontarget')} non-target trials over "
+        f"{counts.get('verification_speakers')} speakers; counting {counts.get('counting_test_mixtures')} test mixtures; "
+        f"diarization {counts.get('diarization_mixtures')} mixtures (oracle SAD, collar 0, overlap scored)",
+        "- cells: mean ± sample std over pretraining seeds (no ± = one seed); best layer is picked on the test "
+        "trials (optimistic)",
+        "",
+        results_table(results["summary"], seeds_of).rstrip(),
+        "",
+        f"**{results['verdict']}**",
+        "",
+        "## Label diagnostics (training split, vs training speakers)",
+        "",
+        "| label set | k | used | perplexity | speaker purity | speaker NMI | I/H(speaker) | clusters/speaker |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, d in results["labels"].items():
+
+        def f(x: Any) -> str:
+            return "-" if x is None else (f"{x:.3f}" if isinstance(x, float) else str(x))
+
+        lines.append(
+            f"| {name} | {d['k']} | {d['used_clusters']} | {f(d['perplexity'])} | {f(d['speaker_purity'])} | "
+            f"{f(d['speaker_nmi'])} | {f(d['speaker_normalized_mi'])} | {f(d['per_speaker_clusters_used_mean'])} |"
+        )
+    lines += ["", "Plots: " + ", ".join(f"`{p}`" for p in results["plots"].values() if p), ""]
+    return "\n".join(lines)

@@ -333,7 +333,8 @@ class TeacherTrainingConfig:
 
 
 class _Progress:
-    """Step counter and loss history, checkpointed with the model by ``accelerator.save_state``."""
+    """Step counter and loss history, kept as ``progress.json`` inside each checkpoint folder (JSON rather
+    than ``register_for_checkpointing``, whose pickle accelerate reloads with ``weights_only=False``)."""
 
     def __init__(self) -> None:
         self.step = 0
@@ -402,13 +403,15 @@ def _latest_checkpoint(checkpoint_dir: str) -> str | None:
     return os.path.join(checkpoint_dir, steps[-1][1]) if steps else None
 
 
-def _save_checkpoint(accelerator: Any, checkpoint_dir: str, step: int, keep: int) -> None:
-    """``save_state`` into a temporary folder renamed into place, so a crash never leaves half a checkpoint."""
-    final = os.path.join(checkpoint_dir, f"step_{step:07d}")
-    tmp = os.path.join(checkpoint_dir, f".tmp_step_{step:07d}")
+def _save_checkpoint(accelerator: Any, checkpoint_dir: str, progress: _Progress, keep: int) -> None:
+    """``save_state`` (model, optimizer, scheduler, RNG) plus ``progress.json`` into a temporary folder
+    renamed into place, so a crash never leaves half a checkpoint."""
+    final = os.path.join(checkpoint_dir, f"step_{progress.step:07d}")
+    tmp = os.path.join(checkpoint_dir, f".tmp_step_{progress.step:07d}")
     shutil.rmtree(tmp, ignore_errors=True)
     accelerator.save_state(tmp)
     if accelerator.is_main_process:
+        _write_json(os.path.join(tmp, "progress.json"), progress.state_dict())
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         old = sorted(d for d in os.listdir(checkpoint_dir) if re.fullmatch(r"step_\d+", d))
@@ -495,11 +498,11 @@ def train_teacher(config: TeacherTrainingConfig) -> dict[str, Any]:
     )
     model, head, optimizer, loader, scheduler = accelerator.prepare(model, head, optimizer, loader, scheduler)
     progress = _Progress()
-    accelerator.register_for_checkpointing(progress)
-
     latest = _latest_checkpoint(checkpoint_dir) if config.resume else None
     if latest:
         accelerator.load_state(latest)
+        with open(os.path.join(latest, "progress.json")) as fh:
+            progress.load_state_dict(json.load(fh))
         logger.info("resumed from %s at step %d", latest, progress.step)
         # A new data order after resuming: the loader is an endless random stream, so this only changes
         # which crops come next, not what the run learns from.
@@ -539,10 +542,10 @@ def train_teacher(config: TeacherTrainingConfig) -> dict[str, Any]:
                 and progress.step % config.save_every == 0
                 and progress.step < config.max_steps
             ):
-                _save_checkpoint(accelerator, checkpoint_dir, progress.step, config.keep_checkpoints)
+                _save_checkpoint(accelerator, checkpoint_dir, progress, config.keep_checkpoints)
     bar.close()
     if config.save_every and progress.step > 0:
-        _save_checkpoint(accelerator, checkpoint_dir, progress.step, config.keep_checkpoints)
+        _save_checkpoint(accelerator, checkpoint_dir, progress, config.keep_checkpoints)
 
     summary: dict[str, Any] = {
         "preset": config.preset,

@@ -185,6 +185,9 @@ def test_train_teacher_lowers_loss_saves_both_formats_and_resumes(tiny_corpus, t
     with torch.inference_mode():
         torch.testing.assert_close(ours(x), official(x), rtol=0, atol=0)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000010", "step_0000020"]
+    progress = json.loads((out / "checkpoints" / "step_0000020" / "progress.json").read_text())
+    assert progress["step"] == 20 and progress["losses"] == pytest.approx(losses)
+    assert not list((out / "checkpoints").rglob("custom_checkpoint*")), "no pickled custom state"
 
     # A longer run in the same folder continues from step 20 with the saved loss history.
     resumed = cli.main([*args, "--max-steps", "22", "--save-every", "10"])

@@ -6,9 +6,9 @@ fresh process that loads the folder with ``delulu_hf`` made unimportable.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,8 +20,20 @@ from delulu_hf import DeluluConfig, DeluluForPreTraining
 from delulu_hf.hub import ResultsFileError, load_results
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT / "training"))
-import push_to_hub  # noqa: E402
+
+
+def _load_script(name: str):
+    # Load by file path: putting training/ on sys.path would shadow the `evaluate` package with
+    # training/evaluate.py for every later test.
+    spec = importlib.util.spec_from_file_location(
+        f"delulu_training_{name}", REPO_ROOT / "training" / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+push_to_hub = _load_script("push_to_hub")
 
 RESULTS = {
     "model": "runs/demo/final",

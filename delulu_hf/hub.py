@@ -152,6 +152,7 @@ def build_repo_folder(
     card_text: str,
     plots: Iterable[PathLike] = (),
     extra_files: dict[str, PathLike] | None = None,
+    model: DeluluPreTrainedModel | None = None,
 ) -> list[str]:
     """Write the complete repository folder; return its files (relative paths, sorted).
 
@@ -160,11 +161,12 @@ def build_repo_folder(
     ``save_pretrained``; the card becomes ``README.md``; plots go to ``plots/``; the k-means
     centroids found beside the checkpoint go to ``kmeans/``. The folder is assembled under a
     temporary name and renamed at the end, so an interrupted build never leaves a half folder.
+    Pass ``model`` (already loaded from ``checkpoint``) to avoid loading it a second time.
     """
     from transformers import AutoFeatureExtractor
 
     checkpoint, output_dir = Path(checkpoint), Path(output_dir)
-    model = load_checkpoint_model(checkpoint)
+    model = model if model is not None else load_checkpoint_model(checkpoint)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
     try:

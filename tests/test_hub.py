@@ -71,6 +71,14 @@ def tiny_config(**overrides) -> DeluluConfig:
     return DeluluConfig(**kwargs)
 
 
+def push(checkpoint, results_file, out, *extra: str, api=None) -> int:
+    """Run the push CLI in-process; ``api`` stands in for the network boundary."""
+    argv = ["--checkpoint", str(checkpoint), "--repo-id", "org/delulu-test", "--output-dir", str(out)]
+    if results_file is not None:
+        argv += ["--results", str(results_file)]
+    return push_to_hub.main([*argv, *extra], api=api if api is not None else FakeApi())
+
+
 class FakeApi:
     """Records the calls the push makes across the network boundary."""
 
@@ -117,20 +125,7 @@ def results_file(tmp_path_factory) -> Path:
 def built(checkpoint, results_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("repo") / "repo"
     api = FakeApi()
-    code = push_to_hub.main(
-        [
-            "--checkpoint",
-            str(checkpoint),
-            "--repo-id",
-            "org/delulu-test",
-            "--results",
-            str(results_file),
-            "--output-dir",
-            str(out),
-            "--dry-run",
-        ],
-        api=api,
-    )
+    code = push(checkpoint, results_file, out, "--dry-run", api=api)
     return code, out, api
 
 
@@ -226,20 +221,7 @@ def test_card_without_results_has_no_evaluation_numbers(checkpoint, tmp_path):
 def test_upload_calls_create_and_upload(checkpoint, results_file, tmp_path):
     api = FakeApi()
     out = tmp_path / "repo"
-    code = push_to_hub.main(
-        [
-            "--checkpoint",
-            str(checkpoint),
-            "--repo-id",
-            "org/delulu-test",
-            "--results",
-            str(results_file),
-            "--output-dir",
-            str(out),
-            "--private",
-        ],
-        api=api,
-    )
+    code = push(checkpoint, results_file, out, "--private", api=api)
     assert code == 0
     assert [name for name, _ in api.calls] == ["create_repo", "upload_folder"]
     assert api.calls[0][1]["private"] is True
@@ -269,18 +251,5 @@ def test_bad_results_fail_before_building(checkpoint, tmp_path):
     bad.write_text("[]")
     out = tmp_path / "repo"
     with pytest.raises(ResultsFileError, match="top level"):
-        push_to_hub.main(
-            [
-                "--checkpoint",
-                str(checkpoint),
-                "--repo-id",
-                "o/n",
-                "--results",
-                str(bad),
-                "--output-dir",
-                str(out),
-                "--dry-run",
-            ],
-            api=FakeApi(),
-        )
+        push(checkpoint, bad, out, "--dry-run", api=FakeApi())
     assert not out.exists()

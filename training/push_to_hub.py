@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None, api=None) -> int:
         Path(args.output_dir) if args.output_dir else Path(tempfile.mkdtemp(prefix="delulu-hub-")) / "repo"
     )
     extra = {"results.json": args.results} if args.results else None
-    files = build_repo_folder(checkpoint, output_dir, str(card), plots=plots, extra_files=extra)
+    files = build_repo_folder(checkpoint, output_dir, str(card), plots=plots, extra_files=extra, model=source)
     report = verify_repo_folder(output_dir, source)
     print(
         f"verified {output_dir}: loads without delulu_hf as {report['model_class']} "

@@ -81,6 +81,7 @@ __all__ = [
 LABEL_COLUMN = "cluster_ids"
 ALIGNMENTS = ("nearest", "mean")
 NORMALIZATIONS = ("none", "l2")
+TEACHER_OUTPUTS = ("backbone", "window-embedding")
 ON_ERROR = ("raise", "skip")
 CENTROIDS_FORMAT = "delulu-centroids"
 CENTROIDS_FORMAT_VERSION = 1
@@ -269,17 +270,37 @@ class MFCCFeatures(SpeakerTeacher):
 
 
 def load_featurizer(
-    spec: Union[str, PathLike, SpeakerTeacher], device: Union[str, torch.device, None] = None
+    spec: Union[str, PathLike, SpeakerTeacher],
+    device: Union[str, torch.device, None] = None,
+    output: str = "backbone",
+    window_seconds: float = 1.0,
 ):
     """``"mfcc"`` -> ``MFCCFeatures``; anything else goes to ``delulu_hf.teacher.load_teacher``
-    (a ``save_pretrained`` folder, an official ReDimNet ``.pt`` file or a preset name)."""
+    (a ``save_pretrained`` folder, an official ReDimNet ``.pt`` file or a preset name).
+
+    ``output`` picks which ReDimNet features are clustered: ``"backbone"`` (the paper's
+    pre-pooling frame features) or ``"window-embedding"`` (the embedding head over a
+    ``window_seconds`` window around each frame, ``ReDimNetWindowEmbeddings``).
+    """
+    if output not in TEACHER_OUTPUTS:
+        raise ValueError(f"output must be one of {TEACHER_OUTPUTS}, got {output!r}")
     if isinstance(spec, str) and spec.lower() == "mfcc":
+        if output != "backbone":
+            raise ValueError(f"output={output!r} needs a ReDimNet teacher, not MFCC features")
         featurizer: SpeakerTeacher = MFCCFeatures()
         featurizer.eval()
         return featurizer.to(device) if device is not None else featurizer
+    from delulu_hf.redimnet import ReDimNet, ReDimNetWindowEmbeddings
     from delulu_hf.teacher import load_teacher
 
-    return load_teacher(spec, device=device)
+    teacher = load_teacher(spec, device=device)
+    if output == "window-embedding":
+        if not isinstance(teacher, ReDimNet):
+            raise ValueError(
+                f"output='window-embedding' needs a ReDimNet teacher, got {type(teacher).__name__}"
+            )
+        teacher = ReDimNetWindowEmbeddings(teacher, window_seconds=window_seconds)
+    return teacher
 
 
 def _hop_samples(teacher: SpeakerTeacher) -> int:
@@ -314,6 +335,8 @@ def featurizer_provenance(teacher: SpeakerTeacher) -> dict[str, Any]:
         "hop_length": _hop_samples(teacher),
         "checkpoint_sha256": _state_dict_sha256(teacher),
     }
+    if getattr(teacher, "output_settings", None):
+        info["output"] = dict(teacher.output_settings)
     if isinstance(teacher, MFCCFeatures):
         info["settings"] = dict(teacher.settings)
     elif hasattr(config, "to_json_dict"):

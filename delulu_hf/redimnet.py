@@ -41,6 +41,7 @@ __all__ = [
     "CheckpointMismatchError",
     "ReDimNet",
     "ReDimNetConfig",
+    "ReDimNetWindowEmbeddings",
 ]
 
 CONFIG_NAME = "config.json"
@@ -1199,6 +1200,50 @@ class ReDimNet(SpeakerTeacher):
         mel = self.spec(waveforms, lengths, mask)
         return self.backbone(mel.unsqueeze(1), mask), mask
 
+    def window_embeddings(
+        self, waveforms: torch.Tensor, lengths: torch.Tensor | None = None, window_frames: int = 101
+    ) -> torch.Tensor:
+        """A speaker embedding at every 10 ms frame: the embedding head applied to the statistics of
+        the ``window_frames`` backbone frames centred on it.
+
+        Why: single backbone frames mostly describe the local spectrum (phone, pitch), so their
+        k-means clusters track content about as much as MFCC clusters do (see
+        ``results/small_scale``). The head, trained to map pooled statistics to speaker identity,
+        projects a short window onto the speaker directions. The head's attentive pooling is
+        replaced by a uniform mean + std inside the window (the attention weights are computed
+        for whole utterances); windows are cut at each item's ends and never see padding, so a
+        padded item gives the embeddings of its unpadded run. Needs eval mode (BatchNorm uses its
+        running statistics); the head runs in float32 even under autocast.
+
+        Returns:
+            ``(batch_size, 1 + num_samples // hop_length, embed_dim)``, not length-normalised.
+        """
+        if window_frames < 1 or window_frames % 2 == 0:
+            raise ValueError(f"window_frames must be a positive odd number, got {window_frames}")
+        if self.training:
+            raise RuntimeError("window_embeddings needs eval mode: call .eval() first")
+        features, mask = self._backbone_forward(waveforms, lengths)
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            x = features.float()  # (B, C, T)
+            valid = x.new_ones(x.shape[0], 1, x.shape[2]) if mask is None else mask[:, None, :].float()
+            x = x * valid
+            half = window_frames // 2
+
+            def window_sum(values: torch.Tensor) -> torch.Tensor:
+                # sum over [t - half, t + half]; zero padding at the ends = windows cut at the edges
+                return F.avg_pool1d(values, window_frames, stride=1, padding=half) * window_frames
+
+            count = window_sum(valid).clamp(min=1.0)
+            mean = window_sum(x) / count
+            var = (window_sum(x * x) / count - mean * mean).clamp(min=1e-7)
+            stats = torch.cat([mean, torch.sqrt(var)], dim=1)  # (B, 2C, T), like the pooled vector
+            if not getattr(self.pool, "with_std", True):  # "TAP" pooling: the mean only
+                stats = mean
+            out = self.linear(self.bn(stats).transpose(1, 2))  # (B, T, embed_dim)
+            if self.bn2 is not None:
+                out = self.bn2(out.transpose(1, 2)).transpose(1, 2)
+        return out.contiguous()
+
     def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Speaker embeddings ``(batch_size, embed_dim)`` (192) of ``(batch_size, num_samples)`` audio.
 
@@ -1210,3 +1255,39 @@ class ReDimNet(SpeakerTeacher):
         if self.bn2 is not None:
             out = self.bn2(out)
         return out
+
+
+class ReDimNetWindowEmbeddings(SpeakerTeacher):
+    """A ReDimNet teacher whose frame features are sliding-window speaker embeddings.
+
+    The paper clusters ReDimNet's pre-pooling frame features (``ReDimNet.frame_features``, the
+    default). This wrapper is the other reading of "frame-level speaker embeddings": the
+    ``embed_dim``-wide output of the embedding head over a ``window_seconds`` window centred on
+    each 10 ms frame (see ``ReDimNet.window_embeddings``). It keeps the teacher's frame grid, so
+    the label pipeline aligns, clusters and caches it like any teacher; its ``name`` carries the
+    window so centroids fitted on one kind of feature are never used with the other.
+    """
+
+    output = "window_embedding"
+
+    def __init__(self, model: ReDimNet, window_seconds: float = 1.0) -> None:
+        super().__init__()
+        if not window_seconds > 0:
+            raise ValueError(f"window_seconds must be > 0, got {window_seconds}")
+        self.model = model.eval()
+        self.config = model.config
+        self.sample_rate = model.sample_rate
+        self.hop_length = model.hop_length
+        self.feature_dim = model.config.embed_dim
+        # odd, so the window is centred on its frame
+        self.window_frames = 2 * int(round(window_seconds * model.sample_rate / model.hop_length / 2)) + 1
+        self.name = f"{model.name}:window-{self.window_frames}"
+        self.window_seconds = float(window_seconds)
+        self.output_settings = {
+            "output": self.output,
+            "window_seconds": self.window_seconds,
+            "window_frames": self.window_frames,
+        }
+
+    def frame_features(self, waveforms: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model.window_embeddings(waveforms, lengths, self.window_frames)

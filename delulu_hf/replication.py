@@ -63,8 +63,17 @@ VARIANTS: tuple[Variant, ...] = (
         "ReDimNet labels, lambda = 0 (masked loss only; inputs still corrupted)",
     ),
     Variant("mfcc_control", "mfcc", None, "MFCC labels, masked + the same denoising corruption/lambda"),
+    Variant(
+        "delulu_window",
+        "redimnet_window",
+        None,
+        "labels from ReDimNet's embedding head over a 1 s window per frame (our reading of 'frame-level "
+        "speaker embeddings'), default lambda",
+    ),
 )
-LABEL_SETS = ("redimnet", "mfcc")
+# "redimnet": the paper's pre-pooling frame features; "redimnet_window": sliding-window embeddings
+# (``ReDimNetWindowEmbeddings``); "mfcc": HuBERT's first-iteration control.
+LABEL_SETS = ("redimnet", "redimnet_window", "mfcc")
 
 # Headline metrics: key -> (label in the table, lower is better, shown as percent).
 METRICS: dict[str, tuple[str, bool, bool]] = {
@@ -102,6 +111,7 @@ class ReplicationPlan:
     label_max_frames: int = 60_000
     label_fit_hours: float | None = 0.25
     label_n_init: int = 3
+    label_window_seconds: float = 1.0  # window of the "redimnet_window" label set
     max_train_items: int | None = None  # a seeded subset of training items (tests only)
     max_sample_length: int | None = None  # None: the base config's crop length
     max_batch_samples: int | None = None  # None: the base config's batch size
@@ -272,6 +282,13 @@ def prepare_labels(plan: ReplicationPlan, label_set: str, teacher: str) -> Label
         config_path = os.path.join(folder, "base_model_config.json")
         base_model_config(plan).to_json_file(config_path)
         source = ["--features", "mfcc"] if label_set == "mfcc" else ["--teacher", teacher]
+        if label_set == "redimnet_window":
+            source += [
+                "--teacher-output",
+                "window-embedding",
+                "--window-seconds",
+                str(plan.label_window_seconds),
+            ]
         cmd = [sys.executable, os.path.join(REPO, "training", "prepare_labels.py"), "--data", plan.data]
         cmd += ["--split", "train", *source, "--model-config", config_path, "--k", str(plan.k)]
         cmd += ["--max-frames", str(plan.label_max_frames), "--n-init", str(plan.label_n_init)]
@@ -500,11 +517,19 @@ def label_summary(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def verdict(summary: dict[str, dict[str, dict[str, Any]]]) -> str:
-    """One sentence comparing DELULU's and the control's zero-shot last-layer EER, with the spread."""
-    a = summary.get("delulu", {}).get("eer_last", {})
+    """One sentence per ReDimNet-label model comparing its zero-shot last-layer EER with the
+    control's, with the seed spread."""
+    sentences = [_compare(summary, "delulu", "DELULU")]
+    if "delulu_window" in summary:
+        sentences.append(_compare(summary, "delulu_window", "DELULU with window-embedding labels"))
+    return " ".join(sentences)
+
+
+def _compare(summary: dict[str, dict[str, dict[str, Any]]], name: str, label: str) -> str:
+    a = summary.get(name, {}).get("eer_last", {})
     b = summary.get("mfcc_control", {}).get("eer_last", {})
     if a.get("mean") is None or b.get("mean") is None:
-        return "DELULU vs control: not measured."
+        return f"{label} vs control: not measured."
     diff = b["mean"] - a["mean"]
     spread = max(a.get("std") or 0.0, b.get("std") or 0.0)
     if a.get("std") is None or b.get("std") is None:
@@ -514,8 +539,8 @@ def verdict(summary: dict[str, dict[str, dict[str, Any]]]) -> str:
     else:
         qualifier = "within twice the larger seed std: not conclusive"
     if diff > 0:
-        return f"DELULU's zero-shot EER is {100 * diff:.1f} points below the MFCC control's ({qualifier})."
-    return f"DELULU's zero-shot EER is NOT below the MFCC control's: {100 * -diff:.1f} points higher ({qualifier})."
+        return f"{label}'s zero-shot EER is {100 * diff:.1f} points below the MFCC control's ({qualifier})."
+    return f"{label}'s zero-shot EER is NOT below the MFCC control's: {100 * -diff:.1f} points higher ({qualifier})."
 
 
 # ---- plots ----------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ features change at known samples), so the whole file takes well under a minute o
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 import socket
@@ -575,3 +576,58 @@ def test_cli_reuses_centroids_and_rejects_mismatch(tmp_path, mfcc_centroids):
     labelled = datasets.load_from_disk(str(tmp_path / "out" / "dataset")).with_format(None)
     assert len(labelled) == 3 and all(ids and max(ids) < 8 for ids in labelled["cluster_ids"])
     torch.testing.assert_close(labels.Centroids.load(tmp_path / "out").centroids, mfcc_centroids.centroids)
+
+
+def test_cli_window_embedding_labels_and_reuse(tmp_path):
+    """``--teacher-output window-embedding`` clusters the head's windowed embeddings; the centroids
+    record it, a reuse without flags picks it up again, and backbone features are refused."""
+    from delulu_hf.redimnet import ReDimNet, ReDimNetConfig
+
+    sys.path.insert(0, os.path.join(REPO, "training"))
+    try:
+        import prepare_labels
+    finally:
+        sys.path.pop(0)
+    stages = [(1, 1, 2, [(3, 3)], 4), (2, 1, 1, [(3, 3)], None)]
+    teacher_dir = str(tmp_path / "teacher")
+    ReDimNet(ReDimNetConfig(F=12, C=4, group_divisor=1, embed_dim=16, stages_setup=stages)).save_pretrained(
+        teacher_dir
+    )
+    data = str(tmp_path / "corpus")
+    write_audiofolder(data, num_items=4)
+    common = [
+        "--data",
+        data,
+        "--split",
+        "train",
+        "--teacher",
+        teacher_dir,
+        "--cache-dir",
+        str(tmp_path / "c"),
+    ]
+    fit = common + ["--k", "3", "--n-init", "1", "--output", str(tmp_path / "fit")]
+    assert prepare_labels.main(fit + ["--teacher-output", "window-embedding", "--window-seconds", "0.5"]) == 0
+    centroids = labels.Centroids.load(tmp_path / "fit")
+    teacher_info = centroids.provenance["teacher"]
+    assert centroids.dim == 16 and teacher_info["name"].endswith(":window-51")
+    assert teacher_info["output"] == {
+        "output": "window_embedding",
+        "window_seconds": 0.5,
+        "window_frames": 51,
+    }
+    config = json.load(open(tmp_path / "fit" / "model_config.json"))
+    assert config["label_feature_dim"] == 16 and config["label_teacher_name"] == teacher_info["name"]
+
+    reuse = common + ["--centroids", str(tmp_path / "fit" / "centroids.safetensors")]
+    assert prepare_labels.main(reuse + ["--output", str(tmp_path / "again")]) == 0
+
+    def ids(folder: str) -> list:
+        return list(
+            datasets.load_from_disk(str(tmp_path / folder / "dataset")).with_format(None)["cluster_ids"]
+        )
+
+    assert ids("again") == ids("fit") and len(ids("fit")) == 4
+    with pytest.raises(ValueError, match="fitted on .*window-51"):
+        prepare_labels.main(reuse + ["--teacher-output", "backbone", "--output", str(tmp_path / "bad")])
+    with pytest.raises(ValueError, match="needs a ReDimNet teacher"):
+        labels.load_featurizer("mfcc", output="window-embedding")

@@ -18,7 +18,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from delulu_hf.redimnet import PRESETS, PUBLISHED_PARAMS_M, CheckpointMismatchError, ReDimNet, ReDimNetConfig
+from delulu_hf.redimnet import (
+    PRESETS,
+    PUBLISHED_PARAMS_M,
+    CheckpointMismatchError,
+    ReDimNet,
+    ReDimNetConfig,
+    ReDimNetWindowEmbeddings,
+)
 from delulu_hf.teacher import SpeakerTeacher, load_teacher
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -133,6 +140,50 @@ def test_padded_batch_equals_single_runs(variant):
             assert single.shape[0] == model.frame_lengths(n)
             torch.testing.assert_close(feats[i, : single.shape[0]], single, atol=1e-4, rtol=1e-4)
             torch.testing.assert_close(embs[i], model(batch[i : i + 1, :n])[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["resnet+conv_att+gc", "convnext_relu+fc+extras"])
+def test_window_embeddings_padded_batch_equals_single_runs(variant):
+    teacher = ReDimNetWindowEmbeddings(tiny(variant), window_seconds=0.2)
+    assert teacher.window_frames == 21 and teacher.feature_dim == TINY["embed_dim"]
+    assert teacher.name.endswith(":window-21") and teacher.hop_length == 160
+    lengths = [8000, 6371, 2333]
+    gen = torch.Generator().manual_seed(2)
+    batch = torch.zeros(len(lengths), max(lengths))
+    for i, n in enumerate(lengths):
+        batch[i, :n] = torch.randn(n, generator=gen)
+    batch[1, lengths[1] :] = 5.0  # padding must not leak into any window
+    with torch.inference_mode():
+        feats = teacher.frame_features(batch, torch.tensor(lengths))
+        assert feats.shape == (3, 1 + max(lengths) // 160, TINY["embed_dim"])
+        for i, n in enumerate(lengths):
+            single = teacher.frame_features(batch[i : i + 1, :n])[0]
+            assert single.shape[0] == teacher.frame_lengths(n)
+            torch.testing.assert_close(feats[i, : single.shape[0]], single, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("num_samples", [3200, 8000])
+def test_window_covering_the_item_gives_the_utterance_embedding(num_samples):
+    """With mean pooling ("TAP") the head is linear in the frame mean, so a window wider than the
+    item must give the utterance embedding at every frame; a 1-frame window differs across frames."""
+    model = tiny("fwse+att", pooling_func="TAP")
+    wave = torch.randn(1, num_samples, generator=torch.Generator().manual_seed(3))
+    frames = model.frame_lengths(num_samples)
+    with torch.inference_mode():
+        wide = model.window_embeddings(wave, window_frames=2 * frames + 1)[0]
+        utterance = model(wave)[0]
+        narrow = model.window_embeddings(wave, window_frames=1)[0]
+    torch.testing.assert_close(wide, utterance.expand_as(wide), atol=1e-4, rtol=1e-4)
+    assert (narrow - narrow.mean(0)).abs().max() > 1e-2
+
+
+def test_window_embeddings_refuse_training_mode_and_even_windows():
+    model = tiny()
+    with pytest.raises(ValueError, match="odd"):
+        model.window_embeddings(torch.randn(1, 4000), window_frames=10)
+    model.train()
+    with pytest.raises(RuntimeError, match="eval mode"):
+        model.window_embeddings(torch.randn(1, 4000))
 
 
 def test_spec_augment_only_in_training():

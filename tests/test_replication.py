@@ -46,12 +46,9 @@ def test_plan_defaults_follow_the_modes_and_the_demo_config():
 def test_variants_differ_only_in_labels_and_lambda(tmp_path):
     plan = R.make_plan(quick=True, output=str(tmp_path))
     by_name = {v.name: v for v in plan.variants}
-    assert set(by_name) == {"delulu", "delulu_lambda0", "mfcc_control"}
-    redim, mfcc = _labels(tmp_path, "redimnet"), _labels(tmp_path, "mfcc")
-    commands = {
-        name: R.pretrain_command(plan, v, 0, redim if v.labels == "redimnet" else mfcc)
-        for name, v in by_name.items()
-    }
+    assert set(by_name) == {"delulu", "delulu_lambda0", "mfcc_control", "delulu_window"}
+    runs = {name: _labels(tmp_path, name) for name in R.LABEL_SETS}
+    commands = {name: R.pretrain_command(plan, v, 0, runs[v.labels]) for name, v in by_name.items()}
 
     def options(cmd):
         return dict(zip(cmd[2::2], cmd[3::2]))
@@ -63,6 +60,41 @@ def test_variants_differ_only_in_labels_and_lambda(tmp_path):
     assert {k for k in base if base[k] != control.get(k)} == label_keys
     assert control["--dataset"].endswith(os.path.join("mfcc", "dataset"))
     assert base["--max_steps"] == str(plan.steps) and base["--dataset_split"] == "train"
+    window = options(commands["delulu_window"])
+    assert {k for k in base if base[k] != window.get(k)} == label_keys
+    assert window["--dataset"].endswith(os.path.join("redimnet_window", "dataset"))
+
+
+def test_window_label_set_asks_prepare_labels_for_window_embeddings(tmp_path, monkeypatch):
+    """The three label sets differ only in the featurizer flags given to prepare_labels."""
+    plan = R.make_plan(quick=True, output=str(tmp_path), label_window_seconds=0.75)
+    calls = {}
+
+    def fake_run(cmd, log_path, what):
+        calls[what] = cmd
+        report = os.path.join(cmd[cmd.index("--report") + 1], "report.json")
+        os.makedirs(os.path.dirname(report), exist_ok=True)
+        with open(report, "w") as handle:
+            json.dump({}, handle)
+
+    monkeypatch.setattr(R, "_run", fake_run)
+    from delulu_hf import DeluluConfig
+
+    monkeypatch.setattr(R, "base_model_config", lambda plan: DeluluConfig())
+    for name in R.LABEL_SETS:
+        R.prepare_labels(plan, name, "TEACHER")
+    flags = {
+        name: [a for a in calls[f"labels ({name})"] if a in ("--features", "--teacher", "--teacher-output")]
+        for name in R.LABEL_SETS
+    }
+    assert flags == {
+        "redimnet": ["--teacher"],
+        "redimnet_window": ["--teacher", "--teacher-output"],
+        "mfcc": ["--features"],
+    }
+    window = calls["labels (redimnet_window)"]
+    assert window[window.index("--teacher-output") + 1] == "window-embedding"
+    assert window[window.index("--window-seconds") + 1] == "0.75"
 
 
 def test_aggregate_mean_sample_std_and_missing_values():
@@ -127,6 +159,10 @@ def test_headline_metrics_summary_table_and_verdict():
     assert "NOT below" in R.verdict(swapped)
     one_seed = R.summarise({"delulu": per_seed["delulu"][:1], "mfcc_control": per_seed["mfcc_control"][:1]})
     assert "not conclusive" in R.verdict(one_seed)
+    with_window = {**summary, "delulu_window": summary["delulu"]}
+    assert R.verdict(with_window).count("20.0 points below") == 2 and "window-embedding" in R.verdict(
+        with_window
+    )
 
 
 def test_label_summary_reads_the_label_report():

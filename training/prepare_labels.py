@@ -14,6 +14,9 @@ A thin command line over ``delulu_hf.labels``. Runs as a plain script or under
     accelerate launch --multi_gpu --num_processes 2 training/prepare_labels.py ...
     torchrun --nproc_per_node 2 training/prepare_labels.py ...
 
+    # cluster sliding-window speaker embeddings instead of backbone frames:
+    python training/prepare_labels.py ... --teacher-output window-embedding --window-seconds 1.0
+
     # reuse centroids fitted earlier:
     python training/prepare_labels.py ... --centroids runs/labels/centroids.safetensors
 
@@ -55,6 +58,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--features", choices=("teacher", "mfcc"), default="teacher", help="'mfcc' = HuBERT's control labels"
+    )
+    parser.add_argument(
+        "--teacher-output",
+        choices=labels.TEACHER_OUTPUTS,
+        default=None,
+        help="ReDimNet features to cluster: 'backbone' (pre-pooling frames, the paper's; default) or\n"
+        "'window-embedding' (the embedding head over a window around each frame)",
+    )
+    parser.add_argument(
+        "--window-seconds",
+        type=float,
+        default=None,
+        help="window of --teacher-output window-embedding (default 1.0, or the centroids')",
     )
     parser.add_argument(
         "--model-config", default=None, help="DeluluConfig json file or folder (frame counts)"
@@ -185,8 +201,16 @@ def main(argv: list[str] | None = None) -> int:
     state = PartialState(cpu=(args.device == "cpu") or not torch.cuda.is_available())
     teacher_spec = "mfcc" if args.features == "mfcc" else args.teacher
     device = args.device or state.device
-    teacher = labels.load_featurizer(teacher_spec, device=device)
     centroids = labels.Centroids.load(args.centroids) if args.centroids else None
+    fitted_output = (centroids.provenance.get("teacher", {}).get("output") or {}) if centroids else {}
+    if args.teacher_output is None:  # reused centroids say which features they were fitted on
+        args.teacher_output = "window-embedding" if fitted_output else "backbone"
+    window_seconds = args.window_seconds
+    if window_seconds is None:
+        window_seconds = float(fitted_output.get("window_seconds", 1.0))  # the same window as the fit
+    teacher = labels.load_featurizer(
+        teacher_spec, device=device, output=args.teacher_output, window_seconds=window_seconds
+    )
     if args.alignment is None:  # reused centroids say how they were aligned
         args.alignment = (centroids.alignment if centroids is not None else None) or "nearest"
     if args.normalization is None:

@@ -68,6 +68,7 @@ __all__ = [
     "alignment_index",
     "atomic_save_dataset",
     "cluster_diagnostics",
+    "compare_label_features",
     "featurizer_provenance",
     "fit_centroids",
     "label_config_problems",
@@ -1769,6 +1770,49 @@ def write_report(
         os.path.join(report_dir, "report.json"), json.dumps(report, indent=2, default=str) + "\n"
     )
     return report
+
+
+def compare_label_features(
+    dataset,
+    featurizers: dict[str, SpeakerTeacher],
+    config: Any,
+    *,
+    k: int = 256,
+    speaker_column: str = "speaker_id",
+    cache_dir: PathLike | None = None,
+    progress: bool = True,
+    **fit_kwargs: Any,
+) -> dict[str, dict[str, Any]]:
+    """Fit, assign and diagnose one label set per featurizer on the same items and speakers.
+
+    The question it answers before any pretraining: which features give cluster ids that carry
+    speaker identity (purity/NMI against ``speaker_column``)? Every featurizer goes through the same
+    ``fit_centroids`` / ``add_cluster_ids`` / ``cluster_diagnostics`` path as the real labels, so the
+    numbers are those ``prepare_labels --report`` would give. ``fit_kwargs`` go to ``fit_centroids``.
+    Returns ``{name: diagnostics}`` (without per-cluster counts and per-speaker rows).
+    """
+    from tqdm.auto import tqdm
+
+    if speaker_column not in dataset.column_names:
+        raise ValueError(f"the dataset has no {speaker_column!r} column to score clusters against")
+    out: dict[str, dict[str, Any]] = {}
+    for name, teacher in tqdm(featurizers.items(), desc="label features", disable=not progress):
+        centroids = fit_centroids(dataset, teacher, config, k=k, **fit_kwargs)
+        keep = {
+            key: fit_kwargs[key]
+            for key in ("alignment", "normalization", "device", "bf16")
+            if key in fit_kwargs
+        }
+        labelled = add_cluster_ids(dataset, teacher, centroids, config, cache_dir=cache_dir, **keep)
+        diag = cluster_diagnostics(
+            _iter_column(labelled, LABEL_COLUMN), centroids.k, _iter_column(labelled, speaker_column)
+        )
+        diag.pop("counts", None)
+        diag.get("speaker", {}).pop("per_speaker", None)
+        diag["teacher"] = featurizer_provenance(teacher)["name"]
+        diag["feature_dim"] = int(teacher.feature_dim)
+        out[name] = diag
+    return out
 
 
 def atomic_save_dataset(dataset, path: PathLike) -> None:

@@ -631,3 +631,63 @@ def test_cli_window_embedding_labels_and_reuse(tmp_path):
         prepare_labels.main(reuse + ["--teacher-output", "backbone", "--output", str(tmp_path / "bad")])
     with pytest.raises(ValueError, match="needs a ReDimNet teacher"):
         labels.load_featurizer("mfcc", output="window-embedding")
+
+
+def test_compare_label_features_scores_speaker_and_content_features():
+    """A featurizer that sees only the speaker (constant level per speaker) gives pure clusters; one
+    that sees only content (the level changes within every item, the same way for all speakers)
+    gives clusters that say nothing about the speaker."""
+    rng = np.random.default_rng(0)
+    rows, speakers = [], []
+    for item in range(12):
+        speaker = item % 3
+        n = int(rng.integers(8000, 16000))
+        speaker_level = np.full(n, float(speaker), dtype=np.float32)
+        content_level = np.repeat(np.arange(3, dtype=np.float32), -(-n // 3))[:n]  # 0,1,2 thirds
+        rows.append({"speaker": speaker_level, "content": content_level})
+        speakers.append(f"s{speaker}")
+
+    def dataset(kind):
+        audio = [{"array": r[kind], "sampling_rate": SR} for r in rows]
+        return datasets.Dataset.from_dict({"audio": audio, "speaker_id": speakers})
+
+    fit = dict(k=3, n_init=1, max_frames=5000, speaker_column="speaker_id", progress=False)
+    config = small_config(3)
+    speaker = labels.compare_label_features(
+        dataset("speaker"), {"speaker": ChangePointTeacher(3)}, config, **fit
+    )
+    content = labels.compare_label_features(
+        dataset("content"), {"content": ChangePointTeacher(3)}, config, **fit
+    )
+    assert speaker["speaker"]["speaker"]["purity"] == pytest.approx(1.0)
+    assert speaker["speaker"]["speaker"]["nmi"] == pytest.approx(1.0)
+    assert content["content"]["speaker"]["nmi"] < 0.01
+    assert speaker["speaker"]["teacher"] == "change-points" and speaker["speaker"]["feature_dim"] == 3
+    assert "counts" not in speaker["speaker"] and "per_speaker" not in speaker["speaker"]["speaker"]
+    with pytest.raises(ValueError, match="no 'gender' column"):
+        labels.compare_label_features(dataset("speaker"), {}, config, speaker_column="gender")
+
+
+def test_compare_label_features_cli(tmp_path):
+    from delulu_hf.redimnet import ReDimNet, ReDimNetConfig
+
+    sys.path.insert(0, os.path.join(REPO, "training"))
+    try:
+        import compare_label_features
+    finally:
+        sys.path.pop(0)
+    teacher = str(tmp_path / "teacher")
+    stages = [(1, 1, 2, [(3, 3)], 4), (2, 1, 1, [(3, 3)], None)]
+    config = ReDimNetConfig(F=12, C=4, group_divisor=1, embed_dim=16, stages_setup=stages)
+    ReDimNet(config).save_pretrained(teacher)
+    data = str(tmp_path / "corpus")
+    write_audiofolder(data, num_items=6)
+    out = tmp_path / "out"
+    args = ["--data", data, "--teacher", teacher, "--windows", "0.2", "--k", "3", "--n-init", "1"]
+    assert compare_label_features.main(args + ["--output", str(out)]) == 0
+    saved = json.loads((out / "results.json").read_text())
+    assert list(saved["features"]) == ["redimnet backbone", "redimnet window 0.2 s", "mfcc"]
+    assert saved["features"]["redimnet window 0.2 s"]["feature_dim"] == 16
+    assert all(0.0 <= f["speaker"]["nmi"] <= 1.0 for f in saved["features"].values())
+    assert "| mfcc | 39 | 3 |" in (out / "results.md").read_text()
+    assert (out / "label_features.png").stat().st_size > 1000

@@ -2,7 +2,7 @@
 """Small-scale replication: does speaker-aware labelling (DELULU) beat content labelling (MFCC)?
 
     python training/replicate.py --quick                 # one seed, few steps: a pipeline check
-    python training/replicate.py                         # full mode: 2 seeds, 400 steps
+    python training/replicate.py                         # full mode: 2 seeds, 1600 steps
     python training/replicate.py --seeds 0,1,2 --steps 1000 --output runs/rep3 --results-dir results/rep3
     python training/replicate.py --retrain-teacher       # retrain the ReDimNet teacher first
 
@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--seeds", default=None, help="comma-separated pretraining seeds (default 0,1; quick: 0)")
     p.add_argument(
-        "--steps", type=int, default=None, help="pretraining steps per model (default 400; quick: 20)"
+        "--steps", type=int, default=None, help="pretraining steps per model (default 1600; quick: 20)"
     )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p.parse_args(argv)

@@ -355,6 +355,7 @@ def load_audio_dataset(
     on_error: str = "raise",
     batch_size: int = 16,
     num_proc: int | None = None,
+    decode: bool = True,
     **load_kwargs: Any,
 ):
     """Load a speech dataset with an `audio_column` holding ``{"array", "sampling_rate", "path"}``.
@@ -382,6 +383,12 @@ def load_audio_dataset(
         on_error: ``"raise"`` stops at the first bad item with an `AudioDecodeError`
             naming it; ``"skip"`` drops bad items with a logged warning each.
         min_samples, max_seconds: passed to `load_audio`.
+        decode: ``False`` skips the decoding ``map`` of a map-style dataset: the audio column
+            keeps undecoded ``{"bytes", "path"}`` items (an audiofolder gets its file paths),
+            and `load_audio` decodes each item where it is used (label map, pretraining
+            batches). Nothing decoded is cached, which matters at scale: decoded float32 costs
+            ~230 MB per hour of audio. Bad items then surface (named) when first read, and
+            `min_samples`/`max_seconds`/`on_error` do not apply here.
         batch_size, num_proc: for the decoding ``map``.
         load_kwargs: passed to ``datasets.load_dataset`` (e.g. ``revision``, ``cache_dir``).
     """
@@ -401,6 +408,17 @@ def load_audio_dataset(
         column = _find_audio_column(ds, audio_column, source)
         if isinstance((ds.features or {}).get(column), datasets.Audio):
             ds = ds.cast_column(column, datasets.Audio(decode=False))
+
+    if not decode and not streaming:
+        if folder_base is None:
+            return ds
+        base = folder_base
+
+        def add_paths(batch: dict[str, list]) -> dict[str, list]:
+            return {column: [os.path.join(base, f) for f in batch["file_name"]]}
+
+        ds = ds.map(add_paths, batched=True, batch_size=1000, desc="Listing audio files")
+        return ds.cast_column(column, datasets.Audio(decode=False))
 
     def decode_batch(batch: dict[str, list]) -> dict[str, list]:
         if folder_base is not None:

@@ -102,6 +102,9 @@ FAULT_ENV = "DELULU_FAULT_INJECTION"
 # =============================================================================================
 
 
+AUDIO_DECODING = ("cache", "on_the_fly")
+
+
 @dataclasses.dataclass
 class PretrainConfig:
     """Every knob of a pretraining run. YAML keys and ``--field value`` flags use these names.
@@ -137,6 +140,9 @@ class PretrainConfig:
     normalize_audio: bool = True  # zero-mean/unit-var per item, as the saved feature extractor does
     bucket_jitter: float = 0.1  # relative jitter of lengths before bucketing (varies batch make-up)
     num_workers: int = 0
+    # "cache": decode every item once into the datasets cache (fast epochs; ~230 MB per hour of
+    # audio); "on_the_fly": keep the encoded files and decode each item when it is batched.
+    audio_decoding: str = "cache"
 
     # --- model
     model_config: Optional[str] = None  # config.json or model folder; None: DeluluConfig() (Base)
@@ -191,6 +197,8 @@ class PretrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_consecutive_nonfinite < 1:
             raise ValueError("max_consecutive_nonfinite must be >= 1")
+        if self.audio_decoding not in AUDIO_DECODING:
+            raise ValueError(f"audio_decoding must be one of {AUDIO_DECODING}, got {self.audio_decoding!r}")
         if self.report_to not in ("tensorboard", "none"):
             raise ValueError(f"report_to must be 'tensorboard' or 'none', got {self.report_to!r}")
         if isinstance(self.resume_from_checkpoint, str) and self.resume_from_checkpoint.lower() in (
@@ -429,7 +437,12 @@ def prepare_pretraining_dataset(cfg: PretrainConfig, model_config) -> LabelledDa
 
     state = _state()
     with state.main_process_first():  # decode once into the datasets cache, then everyone loads it
-        dataset = load_audio_dataset(cfg.dataset, split=cfg.dataset_split, audio_column="audio")
+        dataset = load_audio_dataset(
+            cfg.dataset,
+            split=cfg.dataset_split,
+            audio_column="audio",
+            decode=cfg.audio_decoding == "cache",
+        )
     if cfg.max_train_items is not None and cfg.max_train_items < len(dataset):
         order = np.random.default_rng(cfg.seed).permutation(len(dataset))[: cfg.max_train_items]
         dataset = dataset.select(sorted(order.tolist()))

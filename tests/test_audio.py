@@ -263,6 +263,12 @@ def test_parquet_arrow_saved_to_disk_and_hub_style_folder(tiny_folder, tmp_path)
     stream = load_audio_dataset(parquet, streaming=True, cache_dir=cache)
     first = next(iter(stream))
     np.testing.assert_array_equal(first["audio"]["array"], expected)
+    # decode=False: bytes stay encoded (nothing decoded is cached); load_audio reads them later
+    lazy = load_audio_dataset(saved, decode=False, cache_dir=cache)
+    assert set(lazy[0]["audio"]) == {"bytes", "path"} and len(lazy) == 12
+    np.testing.assert_array_equal(load_audio(lazy[0]["audio"]), expected)
+    folder = load_audio_dataset(tiny_folder, split="train", decode=False, cache_dir=cache)
+    assert folder[0]["audio"]["path"] == str(tiny_folder / folder[0]["file_name"])
 
 
 def test_decoded_array_column_is_resampled(tmp_path):

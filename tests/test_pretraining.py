@@ -441,3 +441,35 @@ def test_checkpoints_are_renamed_when_complete_pruned_and_resumed(tmp_path):
     other = tiny_config(hidden_size=64, num_attention_heads=4)
     with pytest.raises(ValueError, match="another model config.*hidden_size: 32 -> 64"):
         P.check_resumable(state, cfg, other, 1)
+
+
+def test_on_the_fly_decoding_gives_the_cached_items_without_a_decoded_cache(tmp_path):
+    """``audio_decoding: on_the_fly`` keeps the corpus encoded (paths, no float32 arrays in the
+    dataset) and still yields the same labels and waveforms as the decoded cache."""
+    from audio_fixtures import write_tiny_audiofolder
+
+    folder = write_tiny_audiofolder(tmp_path / "corpus", num_speakers=3, utterances_per_speaker=2)
+    out = {}
+    for mode in P.AUDIO_DECODING:
+        cfg = P.PretrainConfig(
+            dataset=str(folder),
+            dataset_split="train",
+            teacher="mfcc",
+            label_cache_dir=str(tmp_path / f"labels-{mode}"),
+            label_max_frames=2000,
+            label_kmeans_n_init=1,
+            audio_decoding=mode,
+            model={"num_clusters": 4},
+        )
+        data = P.prepare_pretraining_dataset(cfg, P.build_model_config(cfg))
+        items = P.PretrainingItems(data.dataset)
+        out[mode] = (data.dataset, [items[i] for i in range(len(items))])
+    lazy, cached = out["on_the_fly"], out["cache"]
+    assert set(lazy[0][0]["audio"]) == {"bytes", "path"} and "array" in cached[0][0]["audio"]
+    assert len(lazy[1]) == len(cached[1]) == 2
+    for a, b in zip(lazy[1], cached[1]):
+        assert a["name"] == b["name"]
+        np.testing.assert_array_equal(a["input_values"], b["input_values"])
+        np.testing.assert_array_equal(a["labels"], b["labels"])
+    with pytest.raises(ValueError, match="audio_decoding"):
+        P.PretrainConfig(audio_decoding="lazy")

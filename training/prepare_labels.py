@@ -92,6 +92,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--centroids", default=None, help="reuse these centroids instead of fitting")
     parser.add_argument("--output", required=True, help="output folder (centroids + labelled dataset)")
     parser.add_argument("--report", default=None, help="write diagnostics (PNG + JSON) to this folder")
+    parser.add_argument(
+        "--audio-decoding",
+        choices=("cache", "on-the-fly"),
+        default="cache",
+        help="'cache': decode the corpus once into the datasets cache (~230 MB per audio hour);\n"
+        "'on-the-fly': decode each item when the teacher needs it (nothing decoded is stored)",
+    )
     parser.add_argument("--on-error", choices=labels.ON_ERROR, default="raise")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-init", type=int, default=labels.KMEANS_DEFAULTS["n_init"])
@@ -246,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
             audio_column=args.audio_column,
             min_samples=labels.EncoderFrames.from_config(config).receptive_field,
             on_error=args.on_error,
+            decode=args.audio_decoding == "cache",
             **load_kwargs,
         )
 

@@ -522,7 +522,7 @@ def verdict(summary: dict[str, dict[str, dict[str, Any]]]) -> str:
     control's, with the seed spread."""
     sentences = [_compare(summary, "delulu", "DELULU")]
     if "delulu_window" in summary:
-        sentences.append(_compare(summary, "delulu_window", "DELULU with window-embedding labels"))
+        sentences.append(_compare(summary, "delulu_window", "DELULU-window"))
     return " ".join(sentences)
 
 
@@ -848,6 +848,10 @@ def results_markdown(results: dict[str, Any], seeds_of: dict[str, int] | None = 
         "trials (optimistic)",
         "",
         results_table(results["summary"], seeds_of).rstrip(),
+        "",
+        *[f"- **{v['name']}** ({v['labels']} labels): {v['description']}" for v in plan.get("variants", [])],
+        "- references without pretraining: **mfcc_mean** (time-mean of 39-d MFCC), **random_init** (the "
+        "same encoder, untrained), **teacher** (the ReDimNet's own embedding)",
         "",
         f"**{results['verdict']}**",
         "",

@@ -27,7 +27,7 @@ def _labels(tmp_path: Path, name: str) -> R.LabelRun:
 
 def test_plan_defaults_follow_the_modes_and_the_demo_config():
     quick, full = R.make_plan(quick=True), R.make_plan()
-    assert (quick.mode, quick.seeds, full.mode, full.seeds) == ("quick", (0,), "full", (0, 1))
+    assert (quick.mode, quick.seeds, full.mode, full.seeds) == ("quick", (0,), "full", (0, 1, 2))
     assert quick.steps < full.steps and len(full.seeds) >= 2
     import yaml
 

@@ -2,8 +2,8 @@
 """Small-scale replication: does speaker-aware labelling (DELULU) beat content labelling (MFCC)?
 
     python training/replicate.py --quick                 # one seed, few steps: a pipeline check
-    python training/replicate.py                         # full mode: 2 seeds, 1600 steps
-    python training/replicate.py --seeds 0,1,2 --steps 1000 --output runs/rep3 --results-dir results/rep3
+    python training/replicate.py                         # full mode: 3 seeds, 1600 steps
+    python training/replicate.py --seeds 0,1,2,3,4 --steps 3000 --output runs/rep5 --results-dir results/rep5
     python training/replicate.py --retrain-teacher       # retrain the ReDimNet teacher first
 
 Teacher -> ReDimNet and MFCC k-means labels (training speakers only) -> DELULU, DELULU lambda=0 and the
@@ -33,7 +33,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--retrain-teacher", action="store_true", help="train the ReDimNet teacher instead of copying it"
     )
-    p.add_argument("--seeds", default=None, help="comma-separated pretraining seeds (default 0,1; quick: 0)")
+    p.add_argument(
+        "--seeds", default=None, help="comma-separated pretraining seeds (default 0,1,2; quick: 0)"
+    )
     p.add_argument(
         "--steps", type=int, default=None, help="pretraining steps per model (default 1600; quick: 20)"
     )

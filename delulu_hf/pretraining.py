@@ -132,6 +132,8 @@ class PretrainConfig:
     label_fit_hours: Optional[float] = None  # audio used for the fit; None: all of it
     label_kmeans_n_init: Optional[int] = None  # k-means restarts; None: HuBERT's 20
     label_batch_seconds: float = 64.0  # padded audio per teacher call
+    label_teacher_output: str = "backbone"  # "backbone" (the paper's frames) | "window-embedding"
+    label_window_seconds: float = 1.0  # window of "window-embedding" labels
     noise_dir: Optional[str] = None  # folder of noise recordings; None: generated coloured noise/babble
     max_batch_samples: int = 16000 * 32  # per process and micro-batch, padded samples (32 s)
     max_sample_length: int = 16000 * 4  # longer items are randomly cropped to this many samples
@@ -197,6 +199,12 @@ class PretrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_consecutive_nonfinite < 1:
             raise ValueError("max_consecutive_nonfinite must be >= 1")
+        from delulu_hf.labels import TEACHER_OUTPUTS
+
+        if self.label_teacher_output not in TEACHER_OUTPUTS:
+            raise ValueError(
+                f"label_teacher_output must be one of {TEACHER_OUTPUTS}, got {self.label_teacher_output!r}"
+            )
         if self.audio_decoding not in AUDIO_DECODING:
             raise ValueError(f"audio_decoding must be one of {AUDIO_DECODING}, got {self.audio_decoding!r}")
         if self.report_to not in ("tensorboard", "none"):
@@ -453,7 +461,12 @@ def prepare_pretraining_dataset(cfg: PretrainConfig, model_config) -> LabelledDa
         provenance = centroids.provenance if centroids is not None else {}
         return _drop_unlabelled(LabelledData(dataset, centroids, provenance))
 
-    teacher = load_featurizer(cfg.teacher, device=state.device)
+    teacher = load_featurizer(
+        cfg.teacher,
+        device=state.device,
+        output=cfg.label_teacher_output,
+        window_seconds=cfg.label_window_seconds,
+    )
     info = featurizer_provenance(teacher)
     if "label_teacher_name" not in cfg.model:
         model_config.label_teacher_name = info["name"]
@@ -464,6 +477,7 @@ def prepare_pretraining_dataset(cfg: PretrainConfig, model_config) -> LabelledDa
     fit_settings = {
         "dataset": dataset._fingerprint,
         "teacher_sha256": info["checkpoint_sha256"],
+        "teacher_name": info["name"],  # carries the window of window-embedding labels
         "k": model_config.num_clusters,
         "max_frames": cfg.label_max_frames,
         "fit_hours": cfg.label_fit_hours,

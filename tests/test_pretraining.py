@@ -473,3 +473,36 @@ def test_on_the_fly_decoding_gives_the_cached_items_without_a_decoded_cache(tmp_
         np.testing.assert_array_equal(a["labels"], b["labels"])
     with pytest.raises(ValueError, match="audio_decoding"):
         P.PretrainConfig(audio_decoding="lazy")
+
+
+def test_in_process_labels_from_window_embeddings(tmp_path):
+    """``label_teacher_output: window-embedding`` makes the in-process labels from the teacher's
+    windowed embeddings, and the model config records which features were clustered."""
+    from audio_fixtures import write_tiny_audiofolder
+
+    from delulu_hf.redimnet import ReDimNet, ReDimNetConfig
+
+    folder = write_tiny_audiofolder(tmp_path / "corpus", num_speakers=3, utterances_per_speaker=2)
+    stages = [(1, 1, 2, [(3, 3)], 4), (2, 1, 1, [(3, 3)], None)]
+    teacher = tmp_path / "teacher"
+    ReDimNet(ReDimNetConfig(F=12, C=4, group_divisor=1, embed_dim=16, stages_setup=stages)).save_pretrained(
+        teacher
+    )
+    names = {}
+    for output in ("backbone", "window-embedding"):
+        cfg = P.PretrainConfig(
+            dataset=str(folder),
+            teacher=str(teacher),
+            label_cache_dir=str(tmp_path / "labels"),
+            label_max_frames=2000,
+            label_kmeans_n_init=1,
+            label_teacher_output=output,
+            label_window_seconds=0.5,
+            model={"num_clusters": 3},
+        )
+        config = P.build_model_config(cfg)
+        data = P.prepare_pretraining_dataset(cfg, config)
+        names[output] = (config.label_teacher_name, config.label_feature_dim, data.centroids.dim)
+        assert len(data.dataset) == 2 and all(len(ids) > 0 for ids in data.dataset["cluster_ids"])
+    assert names["window-embedding"][0].endswith(":window-51") and names["window-embedding"][1:] == (16, 16)
+    assert names["backbone"][1:] == (48, 48) and ":window" not in names["backbone"][0]

@@ -102,9 +102,6 @@ FAULT_ENV = "DELULU_FAULT_INJECTION"
 # =============================================================================================
 
 
-AUDIO_DECODING = ("cache", "on_the_fly")
-
-
 @dataclasses.dataclass
 class PretrainConfig:
     """Every knob of a pretraining run. YAML keys and ``--field value`` flags use these names.
@@ -143,7 +140,7 @@ class PretrainConfig:
     bucket_jitter: float = 0.1  # relative jitter of lengths before bucketing (varies batch make-up)
     num_workers: int = 0
     # "cache": decode every item once into the datasets cache (fast epochs; ~230 MB per hour of
-    # audio); "on_the_fly": keep the encoded files and decode each item when it is batched.
+    # audio); "on-the-fly": keep the encoded files and decode each item when it is batched.
     audio_decoding: str = "cache"
 
     # --- model
@@ -199,14 +196,15 @@ class PretrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_consecutive_nonfinite < 1:
             raise ValueError("max_consecutive_nonfinite must be >= 1")
+        from delulu_hf.audio import AUDIO_DECODINGS
         from delulu_hf.labels import TEACHER_OUTPUTS
 
         if self.label_teacher_output not in TEACHER_OUTPUTS:
             raise ValueError(
                 f"label_teacher_output must be one of {TEACHER_OUTPUTS}, got {self.label_teacher_output!r}"
             )
-        if self.audio_decoding not in AUDIO_DECODING:
-            raise ValueError(f"audio_decoding must be one of {AUDIO_DECODING}, got {self.audio_decoding!r}")
+        if self.audio_decoding not in AUDIO_DECODINGS:
+            raise ValueError(f"audio_decoding must be one of {AUDIO_DECODINGS}, got {self.audio_decoding!r}")
         if self.report_to not in ("tensorboard", "none"):
             raise ValueError(f"report_to must be 'tensorboard' or 'none', got {self.report_to!r}")
         if isinstance(self.resume_from_checkpoint, str) and self.resume_from_checkpoint.lower() in (
@@ -449,7 +447,7 @@ def prepare_pretraining_dataset(cfg: PretrainConfig, model_config) -> LabelledDa
             cfg.dataset,
             split=cfg.dataset_split,
             audio_column="audio",
-            decode=cfg.audio_decoding == "cache",
+            decode=cfg.audio_decoding == "cache",  # "on-the-fly": items stay encoded
         )
     if cfg.max_train_items is not None and cfg.max_train_items < len(dataset):
         order = np.random.default_rng(cfg.seed).permutation(len(dataset))[: cfg.max_train_items]

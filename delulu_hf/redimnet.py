@@ -1268,7 +1268,7 @@ class ReDimNetWindowEmbeddings(SpeakerTeacher):
     window so centroids fitted on one kind of feature are never used with the other.
     """
 
-    output = "window_embedding"
+    output = "window-embedding"  # as in labels.TEACHER_OUTPUTS
 
     def __init__(self, model: ReDimNet, window_seconds: float = 1.0) -> None:
         super().__init__()

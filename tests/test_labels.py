@@ -611,7 +611,7 @@ def test_cli_window_embedding_labels_and_reuse(tmp_path):
     teacher_info = centroids.provenance["teacher"]
     assert centroids.dim == 16 and teacher_info["name"].endswith(":window-51")
     assert teacher_info["output"] == {
-        "output": "window_embedding",
+        "output": "window-embedding",
         "window_seconds": 0.5,
         "window_frames": 51,
     }

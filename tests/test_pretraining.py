@@ -444,13 +444,15 @@ def test_checkpoints_are_renamed_when_complete_pruned_and_resumed(tmp_path):
 
 
 def test_on_the_fly_decoding_gives_the_cached_items_without_a_decoded_cache(tmp_path):
-    """``audio_decoding: on_the_fly`` keeps the corpus encoded (paths, no float32 arrays in the
+    """``audio_decoding: on-the-fly`` keeps the corpus encoded (paths, no float32 arrays in the
     dataset) and still yields the same labels and waveforms as the decoded cache."""
     from audio_fixtures import write_tiny_audiofolder
 
+    from delulu_hf.audio import AUDIO_DECODINGS
+
     folder = write_tiny_audiofolder(tmp_path / "corpus", num_speakers=3, utterances_per_speaker=2)
     out = {}
-    for mode in P.AUDIO_DECODING:
+    for mode in AUDIO_DECODINGS:
         cfg = P.PretrainConfig(
             dataset=str(folder),
             dataset_split="train",
@@ -464,7 +466,7 @@ def test_on_the_fly_decoding_gives_the_cached_items_without_a_decoded_cache(tmp_
         data = P.prepare_pretraining_dataset(cfg, P.build_model_config(cfg))
         items = P.PretrainingItems(data.dataset)
         out[mode] = (data.dataset, [items[i] for i in range(len(items))])
-    lazy, cached = out["on_the_fly"], out["cache"]
+    lazy, cached = out["on-the-fly"], out["cache"]
     assert set(lazy[0][0]["audio"]) == {"bytes", "path"} and "array" in cached[0][0]["audio"]
     assert len(lazy[1]) == len(cached[1]) == 2
     for a, b in zip(lazy[1], cached[1]):

@@ -38,6 +38,7 @@ import sys
 from typing import Any
 
 from delulu_hf import labels
+from delulu_hf.audio import AUDIO_DECODINGS
 
 logger = logging.getLogger("prepare_labels")
 
@@ -94,7 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--report", default=None, help="write diagnostics (PNG + JSON) to this folder")
     parser.add_argument(
         "--audio-decoding",
-        choices=("cache", "on-the-fly"),
+        choices=AUDIO_DECODINGS,
         default="cache",
         help="'cache': decode the corpus once into the datasets cache (~230 MB per audio hour);\n"
         "'on-the-fly': decode each item when the teacher needs it (nothing decoded is stored)",
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     centroids = labels.Centroids.load(args.centroids) if args.centroids else None
     fitted_output = (centroids.provenance.get("teacher", {}).get("output") or {}) if centroids else {}
     if args.teacher_output is None:  # reused centroids say which features they were fitted on
-        args.teacher_output = "window-embedding" if fitted_output else "backbone"
+        args.teacher_output = fitted_output.get("output", "backbone")
     window_seconds = args.window_seconds
     if window_seconds is None:
         window_seconds = float(fitted_output.get("window_seconds", 1.0))  # the same window as the fit

@@ -341,6 +341,24 @@ def _find_audio_column(ds: Any, audio_column: str, source: str) -> str:
     raise ValueError(f"{source}: no audio column {audio_column!r} (columns: {ds.column_names})")
 
 
+# How a corpus is read: decoded once into the datasets cache, or decoded item by item where used.
+AUDIO_DECODINGS = ("cache", "on-the-fly")
+
+
+def _with_file_paths(ds: Any, base: str, column: str, streaming: bool) -> Any:
+    """An audiofolder's metadata plus `column` = undecoded ``{"bytes", "path"}`` items, the
+    absolute path of each ``file_name``: the same shape as any other undecoded source."""
+    import datasets
+
+    def add_paths(batch: dict[str, list]) -> dict[str, list]:
+        return {column: [{"bytes": None, "path": os.path.join(base, f)} for f in batch["file_name"]]}
+
+    if streaming:
+        return ds.map(add_paths, batched=True, batch_size=1000)
+    ds = ds.map(add_paths, batched=True, batch_size=1000, desc="Listing audio files")
+    return ds.cast_column(column, datasets.Audio(decode=False))
+
+
 def load_audio_dataset(
     path_or_id: str | os.PathLike,
     split: str | None = None,
@@ -397,12 +415,12 @@ def load_audio_dataset(
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     source = os.fspath(path_or_id)
-    folder_base: str | None = None
     if data_files is None and _is_local_audiofolder(source):
         ds, folder_base = _load_local_audiofolder(os.path.abspath(source), split, streaming, load_kwargs)
         column = audio_column
         if split is not None and os.path.abspath(folder_base) == os.path.abspath(source):
             ds = _select_split(ds, split, source)
+        ds = _with_file_paths(ds, folder_base, column, streaming)
     else:
         ds = _select_split(_load_raw(source, streaming, name, data_files, load_kwargs), split, source)
         column = _find_audio_column(ds, audio_column, source)
@@ -410,21 +428,10 @@ def load_audio_dataset(
             ds = ds.cast_column(column, datasets.Audio(decode=False))
 
     if not decode and not streaming:
-        if folder_base is None:
-            return ds
-        base = folder_base
-
-        def add_paths(batch: dict[str, list]) -> dict[str, list]:
-            return {column: [os.path.join(base, f) for f in batch["file_name"]]}
-
-        ds = ds.map(add_paths, batched=True, batch_size=1000, desc="Listing audio files")
-        return ds.cast_column(column, datasets.Audio(decode=False))
+        return ds
 
     def decode_batch(batch: dict[str, list]) -> dict[str, list]:
-        if folder_base is not None:
-            items = [{"path": os.path.join(folder_base, f), "bytes": None} for f in batch["file_name"]]
-        else:
-            items = batch[column]
+        items = batch[column]
         keep, audios = [], []
         for i, item in enumerate(items):
             path = item.get("path") if isinstance(item, Mapping) else None

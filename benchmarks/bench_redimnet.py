@@ -30,7 +30,7 @@ import warnings
 
 import torch
 
-from delulu_hf.redimnet import ReDimNet
+from delulu_hf.teacher.redimnet import ReDimNet
 
 
 def load_official(path: str):

@@ -24,20 +24,22 @@ import soundfile as sf
 import torch
 import torchaudio
 
+from delulu_hf.configuration_delulu import DeluluConfig, receptive_field
+from delulu_hf.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 TARGET_SAMPLING_RATE = 16000
-# Receptive field of DELULU's default 7-layer conv feature encoder at 16 kHz (total stride
-# 256, 16 ms frames): shorter inputs give the encoder no frame at all. Kept as a constant
-# rather than imported because decoding sits before the model in the data flow; callers with
-# another config pass `min_samples=delulu_hf.modeling_delulu.receptive_field(config)`.
-MIN_SAMPLES = 322
+# Receptive field of DELULU's default conv feature encoder at 16 kHz (322 samples; total stride
+# 256, 16 ms frames): shorter inputs give the encoder no frame at all. Callers with another
+# config pass `min_samples=receptive_field(config)`.
+MIN_SAMPLES = receptive_field(DeluluConfig())
 # Rates outside this range are almost certainly a corrupt header or a non-audio signal.
 MIN_SOURCE_SAMPLING_RATE = 4000
 MAX_SOURCE_SAMPLING_RATE = 384000
 
 
-class AudioDecodeError(ValueError):
+class AudioDecodeError(UserError):
     """Raised for audio that cannot be used; the message always names the item."""
 
 

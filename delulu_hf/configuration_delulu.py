@@ -14,6 +14,34 @@ from transformers import PreTrainedConfig
 LABEL_FRAME_ALIGNMENTS = ("nearest", "mean")
 
 
+def feat_extract_output_lengths(config: "DeluluConfig", input_lengths):
+    """Number of encoder frames for ``input_lengths`` samples (int or LongTensor in, same type out).
+
+    The one definition of the frame count: the model, the label pipeline and the data path all
+    call it. Each conv layer maps ``n`` to ``(n - kernel) // stride + 1``; inputs shorter than the
+    receptive field give 0 frames (never a negative count). 1 s at 16 kHz gives 62 frames with the
+    default stack.
+    """
+    for kernel, stride in zip(config.conv_kernel, config.conv_stride):
+        input_lengths = (input_lengths - kernel) // stride + 1
+    if hasattr(input_lengths, "clamp"):  # a torch tensor (this file does not import torch)
+        return input_lengths.clamp(min=0)
+    return max(int(input_lengths), 0)
+
+
+def receptive_field(config: "DeluluConfig") -> int:
+    """Samples seen by one encoder frame: frame ``i`` covers ``[i * hop, i * hop + receptive_field)``.
+
+    ``hop`` is ``config.inputs_to_logits_ratio`` (256); the default stack gives 322 samples, the
+    shortest input that yields one frame.
+    """
+    field, jump = 1, 1
+    for kernel, stride in zip(config.conv_kernel, config.conv_stride):
+        field += (kernel - 1) * jump
+        jump *= stride
+    return field
+
+
 @strict
 class DeluluConfig(PreTrainedConfig):
     r"""Configuration of a DELULU speech encoder (arXiv 2510.17662) and its heads.
@@ -254,4 +282,4 @@ class DeluluConfig(PreTrainedConfig):
 
 DeluluConfig.register_for_auto_class()
 
-__all__ = ["DeluluConfig"]
+__all__ = ["DeluluConfig", "feat_extract_output_lengths", "receptive_field"]

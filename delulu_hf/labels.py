@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from delulu_hf.teacher import SpeakerTeacher
+from delulu_hf.teacher.base import SpeakerTeacher
 
 logger = logging.getLogger(__name__)
 
@@ -291,8 +291,8 @@ def load_featurizer(
         featurizer: SpeakerTeacher = MFCCFeatures()
         featurizer.eval()
         return featurizer.to(device) if device is not None else featurizer
-    from delulu_hf.redimnet import ReDimNet, ReDimNetWindowEmbeddings
     from delulu_hf.teacher import load_teacher
+    from delulu_hf.teacher.redimnet import ReDimNet, ReDimNetWindowEmbeddings
 
     teacher = load_teacher(spec, device=device)
     if output == "window-embedding":

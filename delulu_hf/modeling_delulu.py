@@ -44,7 +44,9 @@ from transformers.utils import TransformersKwargs
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .configuration_delulu import DeluluConfig
+# Frame arithmetic lives beside the config, so the label pipeline (which runs before any model
+# exists) counts frames with exactly the model's formula.
+from .configuration_delulu import DeluluConfig, feat_extract_output_lengths, receptive_field
 
 # Auto class -> class name, written into every saved config so a folder saved from any DELULU class
 # loads with all of them (transformers only records the class that was saved).
@@ -55,38 +57,6 @@ DELULU_AUTO_MAP = {
     "AutoModelForAudioXVector": "modeling_delulu.DeluluForXVector",
     "AutoModelForAudioClassification": "modeling_delulu.DeluluForSequenceClassification",
 }
-
-
-# ----------------------------------------------------------------------------------------------
-# Frame arithmetic (used by the labels and pretraining code as well)
-# ----------------------------------------------------------------------------------------------
-
-
-def feat_extract_output_lengths(
-    config: DeluluConfig, input_lengths: int | torch.Tensor
-) -> int | torch.Tensor:
-    """Number of encoder frames for ``input_lengths`` samples (int or LongTensor in, same type out).
-
-    Each conv layer maps ``n`` to ``(n - kernel) // stride + 1``; inputs shorter than the receptive
-    field give 0 frames (never a negative count). 1 s at 16 kHz gives 62 frames with the default stack.
-    """
-    for kernel, stride in zip(config.conv_kernel, config.conv_stride):
-        input_lengths = (input_lengths - kernel) // stride + 1
-    if isinstance(input_lengths, torch.Tensor):
-        return input_lengths.clamp(min=0)
-    return max(int(input_lengths), 0)
-
-
-def receptive_field(config: DeluluConfig) -> int:
-    """Samples seen by one encoder frame: frame ``i`` covers ``[i * hop, i * hop + receptive_field)``.
-
-    ``hop`` is ``config.inputs_to_logits_ratio`` (256); the default stack gives 322 samples.
-    """
-    field, jump = 1, 1
-    for kernel, stride in zip(config.conv_kernel, config.conv_stride):
-        field += (kernel - 1) * jump
-        jump *= stride
-    return field
 
 
 def default_feature_extractor(config: DeluluConfig | None = None, **overrides) -> Wav2Vec2FeatureExtractor:

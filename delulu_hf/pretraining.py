@@ -49,6 +49,8 @@ import numpy as np
 import torch
 import yaml
 
+from delulu_hf.augment import NoiseSource, active_rms, mix_at_snr
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -699,55 +701,6 @@ class PretrainingItems(torch.utils.data.Dataset):
 # =============================================================================================
 
 
-class NoiseSource:
-    """Noise for the denoising corruption: recordings from ``noise_dir``, else generated noise.
-
-    Generated noise is white, pink or brown (``delulu_hf.demo_corpus.coloured_noise``) or babble of
-    3-6 talkers made from the other utterances of the batch (``make_babble``), chosen uniformly.
-    Recordings are decoded once and kept in memory (``max_seconds`` caps that).
-    """
-
-    KINDS = ("white", "pink", "brown", "babble")
-
-    def __init__(self, noise_dir: str | None = None, max_seconds: float = 3600.0):
-        self.recordings: list[np.ndarray] = []
-        if noise_dir:
-            from delulu_hf.audio import load_audio
-
-            patterns = ("*.flac", "*.wav", "*.ogg", "*.mp3")
-            files = sorted(
-                p for pat in patterns for p in glob.glob(os.path.join(noise_dir, "**", pat), recursive=True)
-            )
-            if not files:
-                raise FileNotFoundError(
-                    f"noise_dir {noise_dir!r} holds no audio files ({', '.join(patterns)})"
-                )
-            budget = int(max_seconds * SAMPLE_RATE)
-            for path in files:
-                audio = load_audio(path, SAMPLE_RATE, name=path, min_samples=1)
-                self.recordings.append(audio[:budget])
-                budget -= len(self.recordings[-1])
-                if budget <= 0:
-                    break
-
-    def sample(
-        self, num_samples: int, rng: np.random.Generator, others: Sequence[np.ndarray] = ()
-    ) -> tuple[np.ndarray, str]:
-        """A noise signal (at least ``num_samples`` long, any level) and its kind."""
-        from delulu_hf.demo_corpus import coloured_noise, make_babble
-
-        if self.recordings:
-            return self.recordings[int(rng.integers(len(self.recordings)))], "recording"
-        kind = self.KINDS[int(rng.integers(len(self.KINDS)))]
-        if kind == "babble":
-            if not others:
-                kind = "pink"
-            else:
-                talkers = int(rng.integers(3, 7))
-                return make_babble(list(others), num_samples, talkers, rng), "babble"
-        return coloured_noise(num_samples, kind, rng), kind
-
-
 def corrupt_item(
     clean: np.ndarray,
     others: Sequence[np.ndarray],
@@ -765,8 +718,6 @@ def corrupt_item(
     power (noise), so pauses do not inflate the noise. Returns the new waveform and a record
     ``{"kind", "snr_db", "start", "length"}`` (+ ``"gain"`` applied to a mixed utterance), or the input and ``None`` when left clean (or silent).
     """
-    from delulu_hf.demo_corpus import active_rms, mix_at_snr
-
     if rng.random() >= config.denoise_corruption_prob:
         return clean, None
     snr_db = float(rng.uniform(config.denoise_snr_min_db, config.denoise_snr_max_db))

@@ -6,7 +6,7 @@ control). This module is the experiment's plan and orchestration; every stage is
 code, so the replication measures the pipeline that ships:
 
 1. teacher: the committed demo teacher (copied into the run) or one retrained with
-   ``delulu_hf.teacher_training.train_teacher`` on the training speakers;
+   ``delulu_hf.teacher.training.train_teacher`` on the training speakers;
 2. labels: ``training/prepare_labels.py`` with the teacher and with MFCC features, same k and fit
    settings as ``training/configs/demo.yaml``, training split only, with the purity/NMI report;
 3. pretraining: ``training/pretrain.py`` (subprocesses, so each run has a fresh accelerate state)
@@ -220,7 +220,7 @@ def prepare_teacher(plan: ReplicationPlan) -> str:
     ):
         return dest
     if plan.retrain_teacher:
-        from delulu_hf.teacher_training import TeacherTrainingConfig, train_teacher
+        from delulu_hf.teacher.training import TeacherTrainingConfig, train_teacher
 
         summary_path = os.path.join(plan.teacher, "train_summary.json")
         overrides = {}

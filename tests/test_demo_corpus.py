@@ -16,7 +16,9 @@ import soundfile as sf
 import torch
 from audio_fixtures import synthetic_voice, tone
 
+from delulu_hf import augment
 from delulu_hf import demo_corpus as dc
+from delulu_hf import segments as S
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data"
@@ -40,35 +42,37 @@ def bursts(seconds_on: float = 0.5, seconds_off: float = 1.0, n: int = 3, sr: in
 
 def test_active_speech_mask_and_segments_find_the_bursts():
     x = bursts()
-    segments = dc.speech_segments(x)
+    segments = augment.speech_segments(x)
     assert len(segments) == 3
     for i, (start, end) in enumerate(segments):
         true_start = 1.0 + i * 1.5
         assert abs(start - true_start) < 0.02 and abs(end - (true_start + 0.5)) < 0.02
-    assert dc.active_speech_mask(x).mean() == pytest.approx(1.5 / 5.5, abs=0.015)
-    assert dc.active_rms(np.zeros(1000, dtype=np.float32)) == 0.0
+    assert augment.active_speech_mask(x).mean() == pytest.approx(1.5 / 5.5, abs=0.015)
+    assert augment.active_rms(np.zeros(1000, dtype=np.float32)) == 0.0
 
 
 @pytest.mark.parametrize("colour,slope", [("white", 0.0), ("pink", -1.0), ("brown", -2.0)])
 def test_coloured_noise_spectral_slope_and_level(colour, slope):
-    noise = dc.coloured_noise(2**16, colour, np.random.default_rng(0))
+    noise = augment.coloured_noise(2**16, colour, np.random.default_rng(0))
     assert noise.dtype == np.float32 and np.sqrt(np.mean(noise**2)) == pytest.approx(1.0, rel=1e-4)
     power = np.abs(np.fft.rfft(noise)) ** 2
     freqs = np.arange(len(power))
     band = (freqs > 50) & (freqs < 20000)
     fitted = np.polyfit(np.log(freqs[band]), np.log(power[band]), 1)[0]
     assert fitted == pytest.approx(slope, abs=0.1)
-    again = dc.coloured_noise(2**16, colour, np.random.default_rng(0))
+    again = augment.coloured_noise(2**16, colour, np.random.default_rng(0))
     np.testing.assert_array_equal(noise, again)
 
 
 @pytest.mark.parametrize("snr_db", [0.0, 15.0, 25.0])
 def test_mix_at_snr_is_measured_on_active_speech(snr_db):
     clean = bursts()
-    noise = dc.coloured_noise(30000, "pink", np.random.default_rng(0))  # shorter: gets tiled
-    mixture, scaled = dc.mix_at_snr(clean, noise, snr_db, rng=np.random.default_rng(0), return_noise=True)
+    noise = augment.coloured_noise(30000, "pink", np.random.default_rng(0))  # shorter: gets tiled
+    mixture, scaled = augment.mix_at_snr(
+        clean, noise, snr_db, rng=np.random.default_rng(0), return_noise=True
+    )
     np.testing.assert_allclose(mixture, clean + scaled, atol=1e-7)
-    mask = dc.active_speech_mask(clean)
+    mask = augment.active_speech_mask(clean)
     measured = 10 * np.log10(np.mean(clean[mask] ** 2) / np.mean(scaled**2))
     assert measured == pytest.approx(snr_db, abs=0.01)
     # Whole-signal SNR is lower, since two thirds of `clean` is silence.
@@ -77,17 +81,17 @@ def test_mix_at_snr_is_measured_on_active_speech(snr_db):
 
 def test_mix_at_snr_accepts_torch_and_silence():
     clean = torch.from_numpy(bursts())
-    out = dc.mix_at_snr(clean, torch.randn(5000), 10.0, rng=np.random.default_rng(0))
+    out = augment.mix_at_snr(clean, torch.randn(5000), 10.0, rng=np.random.default_rng(0))
     assert isinstance(out, torch.Tensor) and out.shape == clean.shape and out.dtype == torch.float32
     silent = np.zeros(1000, dtype=np.float32)
-    np.testing.assert_array_equal(dc.mix_at_snr(silent, np.ones(1000), 5.0), silent)
+    np.testing.assert_array_equal(augment.mix_at_snr(silent, np.ones(1000), 5.0), silent)
 
 
 def test_babble_is_unit_rms_and_deterministic():
     rng = np.random.default_rng(0)
     utts = [synthetic_voice(i, 0.7, rng) for i in range(5)]
-    a = dc.make_babble(utts, 20000, 3, np.random.default_rng(3))
-    b = dc.make_babble(utts, 20000, 3, np.random.default_rng(3))
+    a = augment.make_babble(utts, 20000, 3, np.random.default_rng(3))
+    b = augment.make_babble(utts, 20000, 3, np.random.default_rng(3))
     assert a.shape == (20000,) and np.sqrt(np.mean(a**2)) == pytest.approx(1.0, rel=1e-4)
     np.testing.assert_array_equal(a, b)
 
@@ -102,11 +106,11 @@ def test_conversation_segments_rttm_roundtrip_and_overlap(tmp_path):
     assert {s.speaker for s in segments} == set(utts)
     assert all(0 <= s.start < s.end <= len(audio) / 16000 + 1e-6 for s in segments)
     assert len(audio) / 16000 >= 5.0 and np.abs(audio).max() <= 0.95 + 1e-6
-    dc.write_rttm(tmp_path / "c.rttm", "conv", segments)
-    parsed = dc.read_rttm(tmp_path / "c.rttm")["conv"]
+    S.write_rttm(tmp_path / "c.rttm", "conv", segments)
+    parsed = S.read_rttm(tmp_path / "c.rttm")["conv"]
     assert [s.speaker for s in parsed] == [s.speaker for s in segments]
     assert all(abs(a.start - b.start) < 1e-3 and abs(a.end - b.end) < 2e-3 for a, b in zip(parsed, segments))
-    known = [dc.Segment(0.0, 2.0, "a"), dc.Segment(1.0, 3.0, "b")]
+    known = [S.Segment(0.0, 2.0, "a"), S.Segment(1.0, 3.0, "b")]
     assert dc.overlap_ratio(known) == pytest.approx(1.0 / 3.0, abs=0.01)
 
 
@@ -222,7 +226,7 @@ def test_committed_mixtures_match_their_rttms(corpus_rows):
     for r in rows:
         info = sf.info(MIXTURES / r["file_name"])
         assert (info.samplerate, info.channels) == (16000, 1)
-        rttm = dc.read_rttm(MIXTURES / r["rttm_file"])
+        rttm = S.read_rttm(MIXTURES / r["rttm_file"])
         (file_id, segments), *rest = rttm.items()
         assert not rest and file_id == Path(r["file_name"]).stem
         speakers = {s.speaker for s in segments}

@@ -265,7 +265,7 @@ def test_too_short_item_is_rejected_by_name(synthetic):
 
 
 def test_teacher_encoder_gives_frames_and_embedding(tmp_path, synthetic):
-    from delulu_hf.redimnet import ReDimNet
+    from delulu_hf.teacher.redimnet import ReDimNet
 
     torch.manual_seed(0)
     tiny = dict(F=12, C=4, group_divisor=1, embed_dim=16)

@@ -581,7 +581,7 @@ def test_cli_reuses_centroids_and_rejects_mismatch(tmp_path, mfcc_centroids):
 def test_cli_window_embedding_labels_and_reuse(tmp_path):
     """``--teacher-output window-embedding`` clusters the head's windowed embeddings; the centroids
     record it, a reuse without flags picks it up again, and backbone features are refused."""
-    from delulu_hf.redimnet import ReDimNet, ReDimNetConfig
+    from delulu_hf.teacher.redimnet import ReDimNet, ReDimNetConfig
 
     sys.path.insert(0, os.path.join(REPO, "training"))
     try:
@@ -673,7 +673,7 @@ def test_compare_label_features_scores_speaker_and_content_features():
 
 
 def test_compare_label_features_cli(tmp_path):
-    from delulu_hf.redimnet import ReDimNet, ReDimNetConfig
+    from delulu_hf.teacher.redimnet import ReDimNet, ReDimNetConfig
 
     sys.path.insert(0, os.path.join(REPO, "training"))
     try:

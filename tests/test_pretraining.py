@@ -482,7 +482,7 @@ def test_in_process_labels_from_window_embeddings(tmp_path):
     windowed embeddings, and the model config records which features were clustered."""
     from audio_fixtures import write_tiny_audiofolder
 
-    from delulu_hf.redimnet import ReDimNet, ReDimNetConfig
+    from delulu_hf.teacher.redimnet import ReDimNet, ReDimNetConfig
 
     folder = write_tiny_audiofolder(tmp_path / "corpus", num_speakers=3, utterances_per_speaker=2)
     stages = [(1, 1, 2, [(3, 3)], 4), (2, 1, 1, [(3, 3)], None)]

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from delulu_hf.redimnet import (
+from delulu_hf.teacher import SpeakerTeacher, load_teacher
+from delulu_hf.teacher.redimnet import (
     PRESETS,
     PUBLISHED_PARAMS_M,
     CheckpointMismatchError,
@@ -26,7 +27,6 @@ from delulu_hf.redimnet import (
     ReDimNetConfig,
     ReDimNetWindowEmbeddings,
 )
-from delulu_hf.teacher import SpeakerTeacher, load_teacher
 
 FIXTURES = Path(__file__).parent / "fixtures"
 OFFICIAL_PATH = os.environ.get("REDIMNET_OFFICIAL_PATH", "/tmp/redimnet_official")

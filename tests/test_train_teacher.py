@@ -14,12 +14,12 @@ import pytest
 import soundfile as sf
 import torch
 
-from delulu_hf.redimnet import ReDimNet
-from delulu_hf.teacher_training import (
+from delulu_hf.augment import coloured_noise
+from delulu_hf.teacher.redimnet import ReDimNet
+from delulu_hf.teacher.training import (
     AAMSoftmax,
     CropCollator,
     NoiseAugmenter,
-    coloured_noise,
     equal_error_rate,
 )
 

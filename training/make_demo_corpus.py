@@ -38,8 +38,11 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
+from delulu_hf import augment
 from delulu_hf import demo_corpus as dc
+from delulu_hf.atomic import atomic_write, atomic_write_text, replace_dir
 from delulu_hf.audio import load_audio
+from delulu_hf.segments import write_rttm
 
 REPO = Path(__file__).resolve().parents[1]
 SENTENCES = Path(__file__).with_name("demo_sentences.json")
@@ -87,10 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def write_flac(path: Path, audio: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.flac")
-    sf.write(tmp, audio, dc.SAMPLING_RATE, subtype="PCM_16", format="FLAC")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: sf.write(tmp, audio, dc.SAMPLING_RATE, subtype="PCM_16", format="FLAC"))
 
 
 def build_mixtures(rows: list[dict], corpus_dir: Path, out_dir: Path, num: int, seed: int) -> list[dict]:
@@ -112,7 +112,7 @@ def build_mixtures(rows: list[dict], corpus_dir: Path, out_dir: Path, num: int, 
         audio, segments = dc.build_conversation(utts, rng, target_seconds=float(rng.uniform(6, 9)))
         name = f"mix_{i:03d}"
         write_flac(out_dir / f"{name}.flac", audio)
-        dc.write_rttm(out_dir / f"{name}.rttm", name, segments)
+        write_rttm(out_dir / f"{name}.rttm", name, segments)
         used = sorted({s.speaker for s in segments})
         out.append(
             dict(
@@ -140,7 +140,7 @@ def build_noise(rows: list[dict], corpus_dir: Path, out_dir: Path, seconds: floa
     for split in ("train", "test"):
         for colour in ("white", "pink", "brown"):
             name = f"{colour}_{split}.flac"
-            write_flac(out_dir / name, 0.03 * dc.coloured_noise(n, colour, rng))
+            write_flac(out_dir / name, 0.03 * augment.coloured_noise(n, colour, rng))
             out.append(
                 dict(
                     file_name=name,
@@ -155,7 +155,7 @@ def build_noise(rows: list[dict], corpus_dir: Path, out_dir: Path, seconds: floa
             picks = [train[int(i)] for i in rng.choice(len(train), size=min(24, len(train)), replace=False)]
             utts = [load_audio(corpus_dir / r["file_name"]) for r in picks]
             name = f"babble{talkers}_{split}.flac"
-            write_flac(out_dir / name, 0.03 * dc.make_babble(utts, n, talkers, rng))
+            write_flac(out_dir / name, 0.03 * augment.make_babble(utts, n, talkers, rng))
             speakers = " ".join(sorted({r["speaker_id"] for r in picks}))
             out.append(
                 dict(
@@ -387,9 +387,7 @@ def write_card(path: Path, rows, trials, mixtures, noise, renames, stats: dict) 
         "Output is deterministic for a given seed and these tool versions: " + stats["tool_versions"] + ".",
         "",
     ]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, "\n".join(lines))
 
 
 def tool_versions() -> str:
@@ -484,12 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     for key, target in final.items():
         if not (stage[key] / "metadata.csv").exists():
             continue
-        old = target.with_name(target.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        if target.exists():
-            os.replace(target, old)
-        os.replace(stage[key], target)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(stage[key], target)
     shutil.rmtree(staging_root, ignore_errors=True)
     print(
         f"wrote {len(rows)} utterances ({sum(r['duration'] for r in rows) / 60:.1f} min), {len(trials)} trials, "

@@ -19,7 +19,7 @@ import json
 import logging
 import sys
 
-from delulu_hf.teacher_training import TeacherTrainingConfig, train_teacher
+from delulu_hf.teacher.training import TeacherTrainingConfig, train_teacher
 
 
 def parse_args(argv: list[str] | None = None) -> TeacherTrainingConfig:

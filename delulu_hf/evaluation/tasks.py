@@ -341,7 +341,7 @@ def generate_mixtures(
 
     from delulu_hf.audio import load_audio
     from delulu_hf.demo_corpus import build_conversation, write_csv_atomic
-    from delulu_hf.demo_corpus import write_rttm as write_segments
+    from delulu_hf.segments import write_rttm as write_segments
 
     output_dir = Path(output_dir)
     settings = {

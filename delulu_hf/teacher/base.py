@@ -5,19 +5,18 @@ pipeline (``delulu_hf.labels``) only needs four facts about that model: the samp
 its frame hop, its feature width and a batched ``frame_features`` call. ``SpeakerTeacher`` names
 those facts so that any frame-level speaker model can stand in for ReDimNet (the default).
 
-``load_teacher`` turns a user-facing spec (a folder written by ``save_pretrained``, an official
-IDRnD ``.pt`` checkpoint, or a preset name for a randomly initialised model) into a teacher.
+The loader (``load_teacher``) lives beside the ReDimNet port in ``delulu_hf.teacher.redimnet``:
+this module imports nothing of the project, so every teacher can import it without a cycle.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Union
 
 import torch
 from torch import nn
 
-__all__ = ["SpeakerTeacher", "load_teacher"]
+__all__ = ["SpeakerTeacher"]
 
 
 class SpeakerTeacher(nn.Module):
@@ -59,39 +58,3 @@ class SpeakerTeacher(nn.Module):
             ``frame_lengths(lengths[i])`` are padding and carry no meaning.
         """
         raise NotImplementedError
-
-
-def load_teacher(
-    spec: Union[str, os.PathLike, SpeakerTeacher],
-    device: Union[str, torch.device, None] = None,
-    **overrides,
-) -> SpeakerTeacher:
-    """Build a teacher from ``spec`` and put it in eval mode.
-
-    ``spec`` may be an existing ``SpeakerTeacher`` (returned as is), a folder written by
-    ``ReDimNet.save_pretrained`` (``config.json`` + ``model.safetensors``), an official ReDimNet
-    ``.pt`` checkpoint (read with ``weights_only=True``), or a preset name such as ``"b0"``
-    (random weights: only useful for tests and smoke runs, since the features carry no speaker
-    information). ``overrides`` are passed to ``ReDimNet.from_preset`` for preset names.
-    """
-    from delulu_hf.redimnet import PRESETS, ReDimNet
-
-    if isinstance(spec, SpeakerTeacher):
-        teacher = spec
-    else:
-        text = os.fspath(spec)
-        if os.path.isdir(text):
-            teacher = ReDimNet.from_pretrained(text)
-        elif os.path.isfile(text):
-            teacher = ReDimNet.from_official_checkpoint(text)
-        elif text.lower() in PRESETS:
-            teacher = ReDimNet.from_preset(text.lower(), **overrides)
-        else:
-            raise ValueError(
-                f"Unknown teacher {text!r}: expected a folder saved with save_pretrained, an official "
-                f"ReDimNet .pt file, or one of the presets {sorted(PRESETS)}."
-            )
-    teacher.eval()
-    if device is not None:
-        teacher.to(device)
-    return teacher

@@ -36,7 +36,9 @@ import torch.nn.functional as F
 import torchaudio
 from torch import nn
 
-from delulu_hf.redimnet import ReDimNet, atomic_write
+from delulu_hf.atomic import atomic_write, atomic_write_json, fsync_tree, replace_dir
+from delulu_hf.augment import coloured_noise, fit_length, mix_at_snr
+from delulu_hf.teacher.redimnet import ReDimNet
 
 logger = logging.getLogger(__name__)
 
@@ -90,27 +92,6 @@ class AAMSoftmax(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
-def _power(x: np.ndarray) -> float:
-    return float(np.mean(x.astype(np.float64) ** 2)) + 1e-10
-
-
-def _tile_crop(wave: np.ndarray, length: int, rng: np.random.Generator) -> np.ndarray:
-    """A random ``length``-sample window; shorter signals are repeated first."""
-    if len(wave) < length:
-        wave = np.tile(wave, length // max(len(wave), 1) + 1)
-    start = int(rng.integers(0, len(wave) - length + 1))
-    return wave[start : start + length]
-
-
-def coloured_noise(length: int, exponent: float, rng: np.random.Generator) -> np.ndarray:
-    """Gaussian noise with power spectrum ~ 1/f^exponent (0 white, 1 pink, 2 brown), unit power."""
-    spectrum = np.fft.rfft(rng.standard_normal(length))
-    freqs = np.arange(len(spectrum), dtype=np.float64)
-    freqs[0] = 1.0
-    noise = np.fft.irfft(spectrum / freqs ** (exponent / 2.0), n=length)
-    return (noise / np.sqrt(_power(noise))).astype(np.float32)
-
-
 @dataclass
 class NoiseAugmenter:
     """Adds noise at a random SNR to a fraction of the crops.
@@ -134,7 +115,7 @@ class NoiseAugmenter:
             kind = kinds[int(rng.integers(len(kinds)))]
             snr = self.snr_db
             if kind == "file":
-                noise = _tile_crop(self.noises[int(rng.integers(len(self.noises)))], len(crop), rng)
+                noise = self.noises[int(rng.integers(len(self.noises)))]
             elif kind == "babble" and len(crops) > 2:
                 others = [j for j in range(len(crops)) if j != i]
                 picks = rng.choice(others, size=min(len(others), int(rng.integers(3, 6))), replace=False)
@@ -142,9 +123,8 @@ class NoiseAugmenter:
                 snr = self.babble_snr_db
             else:
                 noise = coloured_noise(len(crop), float(rng.choice([0.0, 1.0, 2.0])), rng)
-            snr_db = rng.uniform(*snr)
-            gain = math.sqrt(_power(crop) / (_power(noise) * 10 ** (snr_db / 10.0)))
-            out.append((crop + gain * noise).astype(np.float32))
+            # Crops are (nearly) all speech: whole-signal power is the speech level, no VAD needed.
+            out.append(mix_at_snr(crop, noise, float(rng.uniform(*snr)), rng=rng, level="power"))
         return out
 
 
@@ -180,7 +160,7 @@ class CropCollator:
 
     def _speed(self, wave: np.ndarray, speed: float, length: int) -> np.ndarray:
         """Crop ``speed * length`` samples and resample them to ``length``: tempo and pitch change."""
-        source = _tile_crop(wave, int(round(length * speed)) + 1, self.rng)
+        source = fit_length(wave, int(round(length * speed)) + 1, self.rng)
         orig = int(round(self.sample_rate * speed))
         out = torchaudio.functional.resample(torch.tensor(source), orig, self.sample_rate)
         out = out.numpy()
@@ -192,7 +172,7 @@ class CropCollator:
         for wave, speaker in items:
             k = int(self.rng.integers(len(self.speeds)))
             if k == 0:
-                crops.append(_tile_crop(wave, length, self.rng).astype(np.float32))
+                crops.append(fit_length(wave, length, self.rng).astype(np.float32))
             else:
                 crops.append(self._speed(wave, self.speeds[k], length))
             labels.append(speaker + k * self.num_speakers)
@@ -411,17 +391,12 @@ def _save_checkpoint(accelerator: Any, checkpoint_dir: str, progress: _Progress,
     shutil.rmtree(tmp, ignore_errors=True)
     accelerator.save_state(tmp)
     if accelerator.is_main_process:
-        _write_json(os.path.join(tmp, "progress.json"), progress.state_dict())
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        atomic_write_json(os.path.join(tmp, "progress.json"), progress.state_dict(), sort_keys=False)
+        fsync_tree(tmp)
+        replace_dir(tmp, final)
         old = sorted(d for d in os.listdir(checkpoint_dir) if re.fullmatch(r"step_\d+", d))
         for d in old[:-keep] if keep > 0 else []:
             shutil.rmtree(os.path.join(checkpoint_dir, d), ignore_errors=True)
-
-
-def _write_json(path: str, obj: Any) -> None:
-    with open(path, "w") as fh:
-        json.dump(obj, fh, indent=2, default=str)
 
 
 def _plot_losses(losses: list[float], path: str) -> None:
@@ -575,8 +550,6 @@ def train_teacher(config: TeacherTrainingConfig) -> dict[str, Any]:
         summary["wall_seconds"] = round(time.time() - started, 1)
         if progress.losses:
             _plot_losses(progress.losses, os.path.join(config.output_dir, "loss.png"))
-        atomic_write(
-            os.path.join(config.output_dir, "train_summary.json"), lambda tmp: _write_json(tmp, summary)
-        )
+        atomic_write_json(os.path.join(config.output_dir, "train_summary.json"), summary, sort_keys=False)
     summary["losses"] = progress.losses
     return summary

@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Any, Union
 
@@ -34,7 +33,8 @@ import torch.nn.functional as F
 import torchaudio
 from torch import nn
 
-from delulu_hf.teacher import SpeakerTeacher
+from delulu_hf.atomic import atomic_write
+from delulu_hf.teacher.base import SpeakerTeacher
 
 __all__ = [
     "PRESETS",
@@ -42,6 +42,7 @@ __all__ = [
     "ReDimNet",
     "ReDimNetConfig",
     "ReDimNetWindowEmbeddings",
+    "load_teacher",
 ]
 
 CONFIG_NAME = "config.json"
@@ -985,24 +986,6 @@ def _build_pool(name: str, in_dim: int, global_context_att: bool) -> nn.Module:
 # --------------------------------------------------------------------------------------------------
 
 
-def atomic_write(path: str, write) -> None:
-    """Write through a temporary file in the same folder, then rename, so readers never see half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        # mkstemp creates 0600 files; give the result the permissions a plain open() would have.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 class ReDimNet(SpeakerTeacher):
     """ReDimNet speaker model: waveform -> frame features (teacher) or 192-d embedding.
 
@@ -1291,3 +1274,37 @@ class ReDimNetWindowEmbeddings(SpeakerTeacher):
 
     def frame_features(self, waveforms: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         return self.model.window_embeddings(waveforms, lengths, self.window_frames)
+
+
+def load_teacher(
+    spec: Union[str, os.PathLike, SpeakerTeacher],
+    device: Union[str, torch.device, None] = None,
+    **overrides,
+) -> SpeakerTeacher:
+    """Build a teacher from ``spec`` and put it in eval mode.
+
+    ``spec`` may be an existing ``SpeakerTeacher`` (returned as is), a folder written by
+    ``ReDimNet.save_pretrained`` (``config.json`` + ``model.safetensors``), an official ReDimNet
+    ``.pt`` checkpoint (read with ``weights_only=True``), or a preset name such as ``"b0"``
+    (random weights: only useful for tests and smoke runs, since the features carry no speaker
+    information). ``overrides`` are passed to ``ReDimNet.from_preset`` for preset names.
+    """
+    if isinstance(spec, SpeakerTeacher):
+        teacher = spec
+    else:
+        text = os.fspath(spec)
+        if os.path.isdir(text):
+            teacher = ReDimNet.from_pretrained(text)
+        elif os.path.isfile(text):
+            teacher = ReDimNet.from_official_checkpoint(text)
+        elif text.lower() in PRESETS:
+            teacher = ReDimNet.from_preset(text.lower(), **overrides)
+        else:
+            raise ValueError(
+                f"Unknown teacher {text!r}: expected a folder saved with save_pretrained, an official "
+                f"ReDimNet .pt file, or one of the presets {sorted(PRESETS)}."
+            )
+    teacher.eval()
+    if device is not None:
+        teacher.to(device)
+    return teacher

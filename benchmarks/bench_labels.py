@@ -4,14 +4,19 @@
 (b) the whole label map: decode (soundfile) + resample + teacher + alignment + assignment + writing
     the ``cluster_ids`` column with ``datasets.map``; both in audio-seconds per second, ratio >= 0.8;
 (c) torch assignment vs ``MiniBatchKMeans.predict`` on the same (N, 2304) float32 matrix;
-(d) peak RSS of the label map on 1x and 4x the data, each in a fresh subprocess.
+(d) peak RSS of the label map on 1x and 4x the data, each in a fresh subprocess;
+(e) the resumable label pass (``LabelPass``: fit on a 10 % subset, sharded map, assembly): teacher
+    frames computed / frames in the corpus, with the fit-feature store (the default) and without;
+(f) a pass SIGKILLed at ~60 % of its map (in a subprocess) and rerun: the share of the map's teacher
+    work done twice (the shard in flight at the kill), against one shard's share.
 
 Runs on ``data/demo_corpus`` with ``data/demo_teacher`` when they exist; otherwise on a random-init
 ReDimNet preset and/or synthetic audio (printed in the header). (a) and (b) are sized from a
 warm-up so that one pass takes about ``--pass-seconds``, and alternate so that load from other
 processes hits both alike; the best of ``--repeats`` passes is reported.
 
-    python benchmarks/bench_labels.py            # <= 2 min on 2 CPU cores
+    python benchmarks/bench_labels.py                    # <= 2 min on 2 CPU cores
+    python benchmarks/bench_labels.py --only-label-pass  # (e) and (f) only
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import argparse
 import json
 import os
 import resource
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -213,11 +220,169 @@ def bench_assignment(rows: int, dim: int, k: int, repeats: int) -> tuple[float, 
     return min(sk_times), min(torch_times), mismatches, exact
 
 
+class FrameCounter:
+    """Counts the teacher frames computed (``1 + samples // hop`` per item, padding excluded) by
+    wrapping the teacher instance's ``frame_features``; ``active`` turns counting on and off."""
+
+    def __init__(self, teacher):
+        self.frames = 0
+        self.active = True
+        self.on_count = None
+        inner = teacher.frame_features
+        hop = teacher.hop_length
+
+        def counted(waveforms, lengths=None):
+            out = inner(waveforms, lengths)
+            if self.active:
+                n = lengths.tolist() if lengths is not None else [waveforms.shape[1]] * waveforms.shape[0]
+                self.frames += sum(1 + int(x) // hop for x in n)
+                if self.on_count is not None:
+                    self.on_count(self.frames)
+            return out
+
+        teacher.frame_features = counted
+
+
+def pass_fit_settings(args: argparse.Namespace) -> dict:
+    return dict(fit_hours=args.pass_fit_hours, max_frames=20000, n_init=1)
+
+
+def label_pass(output: str, data, teacher, config, args: argparse.Namespace, budget_gb: float, counter=None):
+    """Fit (10 % of the audio) -> sharded map -> assembly -> manifest, as ``prepare_labels.py`` runs it.
+    Returns the teacher frames computed by the fit and by the map."""
+    run = labels.LabelPass(output, data, teacher, config, chunk_size=1, device="cpu", progress=False)
+    counter = counter or FrameCounter(teacher)
+    counter.frames = 0
+    centroids = run.centroids(
+        k=args.pass_k,
+        fit_settings=pass_fit_settings(args),
+        fit_feature_budget_gb=budget_gb,
+        verbose=-1,
+    )
+    fit_frames = counter.frames
+    run.map(centroids, num_shards=args.pass_shards)
+    run.assemble()
+    run.write_manifest(centroids)
+    return fit_frames, counter.frames - fit_frames
+
+
+def pass_corpus(args: argparse.Namespace, work: str):
+    """The (e)/(f) corpus: the first ``--pass-items`` files, undecoded (decoded where used)."""
+    paths, speakers, _ = corpus_files(work)
+    paths, speakers = paths[: args.pass_items], speakers[: args.pass_items]
+    return raw_dataset(paths, speakers), paths
+
+
+def resume_child(args: argparse.Namespace) -> None:
+    """Child process for (f): the label pass, SIGKILLed once its map has computed ``--kill-frames``
+    teacher frames (the count is written to ``--kill-report`` first)."""
+    datasets.disable_progress_bars()
+    teacher, _ = load_teacher(args.preset)
+    data, _ = pass_corpus(args, args.resume_child)
+    config = DeluluConfig(
+        num_clusters=args.pass_k, label_teacher_name=teacher.name, label_feature_dim=teacher.feature_dim
+    )
+    counter = FrameCounter(teacher)
+    original_map = labels.LabelPass.map
+
+    def map_then_die(self, *a, **kw):
+        counter.frames, counter.active = 0, True
+
+        def die(frames: int) -> None:
+            if frames >= args.kill_frames:
+                with open(args.kill_report, "w") as handle:
+                    handle.write(str(frames))
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        counter.on_count = die
+        return original_map(self, *a, **kw)
+
+    labels.LabelPass.map = map_then_die
+    label_pass(os.path.join(args.resume_child, "out"), data, teacher, config, args, 1.0, counter)
+
+
+def bench_label_pass(args: argparse.Namespace, teacher) -> tuple[float, float, float, float]:
+    """(e) and (f): teacher passes of a label pass, and the map work redone after a kill."""
+    work = tempfile.mkdtemp(prefix="bench_label_pass_")
+    try:
+        data, paths = pass_corpus(args, work)
+        waves = [load_audio(p) for p in paths]
+        corpus_frames = sum(1 + len(w) // teacher.hop_length for w in waves)
+        audio_hours = sum(len(w) for w in waves) / SR / 3600
+        args.pass_fit_hours = args.fit_fraction * audio_hours
+        config = DeluluConfig(
+            num_clusters=args.pass_k, label_teacher_name=teacher.name, label_feature_dim=teacher.feature_dim
+        )
+        counter = FrameCounter(teacher)
+        fit, mapped = label_pass(os.path.join(work, "store"), data, teacher, config, args, 1.0, counter)
+        fit0, mapped0 = label_pass(os.path.join(work, "no_store"), data, teacher, config, args, 0.0, counter)
+        counter.active = False
+        print(
+            f"(e) label pass over {len(paths)} items ({audio_hours * 3600:.0f} s of audio), fit on "
+            f"{args.fit_fraction:.0%}: teacher frames fit {fit} + map {mapped} of {corpus_frames} "
+            f"(without the fit-feature store: {fit0} + {mapped0})"
+        )
+        passes = (fit + mapped) / corpus_frames
+        passes_without = (fit0 + mapped0) / corpus_frames
+
+        # (f): kill at ~60 % of the map's teacher work, in a child process; rerun here.
+        child = os.path.join(work, "child")
+        os.makedirs(child)
+        report = os.path.join(child, "killed_at")
+        command = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--resume-child",
+            child,
+            "--preset",
+            args.preset,
+        ]
+        command += ["--pass-items", str(args.pass_items), "--pass-k", str(args.pass_k)]
+        command += ["--pass-shards", str(args.pass_shards), "--pass-fit-hours", repr(args.pass_fit_hours)]
+        command += ["--kill-frames", str(int(0.6 * mapped)), "--kill-report", report]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=dict(os.environ))
+        if result.returncode != -signal.SIGKILL or not os.path.isfile(report):
+            raise RuntimeError(f"the child was not killed as planned: {result.stderr[-3000:]}")
+        with open(report) as handle:
+            killed_map_frames = int(handle.read())
+        out = os.path.join(child, "out")
+        plan = labels.ShardPlan.load(os.path.join(out, "work", "plan.json"))
+        shards = len(plan.bounds)
+        done = sum(plan.is_done(os.path.join(out, "work", "shards"), i) for i in range(shards))
+        counter.active = True
+        counter.frames = 0
+        rerun = labels.LabelPass(out, data, teacher, config, chunk_size=1, device="cpu", progress=False)
+        centroids = rerun.centroids(
+            k=args.pass_k,
+            fit_settings=pass_fit_settings(args),
+            fit_feature_budget_gb=1.0,
+        )
+        refit = counter.frames
+        rerun.map(centroids)
+        rerun.assemble()
+        rerun.write_manifest(centroids)
+        rerun_frames = counter.frames - refit
+        counter.active = False
+        redone = (killed_map_frames + rerun_frames - mapped) / mapped
+        same = (
+            datasets.load_from_disk(os.path.join(out, "dataset"))["cluster_ids"]
+            == datasets.load_from_disk(os.path.join(work, "store", "dataset"))["cluster_ids"]
+        )
+        print(
+            f"(f) killed at {killed_map_frames / mapped:.0%} of the map ({done}/{shards} shards committed); "
+            f"the rerun refitted {refit} frames and mapped {rerun_frames}: {redone:.1%} of the map redone "
+            f"(one shard is {1 / shards:.0%}); ids equal to the uninterrupted run: {same}"
+        )
+        return passes, passes_without, redone, 1 / shards
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="b2", help="ReDimNet preset when data/demo_teacher is absent")
     parser.add_argument(
-        "--pass-seconds", type=float, default=9.0, help="target wall time of one (a)/(b) pass"
+        "--pass-seconds", type=float, default=6.0, help="target wall time of one (a)/(b) pass"
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--chunk", type=int, default=64, help="items per map batch")
@@ -226,9 +391,33 @@ def main() -> None:
     parser.add_argument("--memory-seconds", type=float, default=3.0, help="wall time of the 1x memory probe")
     parser.add_argument("--probe-chunk", type=int, default=4, help="items per map batch in the memory probes")
     parser.add_argument("--probe-items", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--pass-items", type=int, default=16, help="items of the (e)/(f) label pass")
+    parser.add_argument("--pass-k", type=int, default=16, help="k of the (e)/(f) label pass")
+    parser.add_argument("--pass-shards", type=int, default=8, help="shards of the (e)/(f) label map")
+    parser.add_argument(
+        "--fit-fraction", type=float, default=0.1, help="share of the audio the (e) fit reads"
+    )
+    parser.add_argument("--only-label-pass", action="store_true", help="run (e) and (f) only (~30 s)")
+    parser.add_argument("--resume-child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--kill-frames", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--pass-fit-hours", type=float, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--kill-report", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe_items is not None:
         memory_probe(args)
+        return
+    if args.resume_child is not None:
+        resume_child(args)
+        return
+    if args.only_label_pass:
+        datasets.disable_progress_bars()
+        teacher, teacher_desc = load_teacher(args.preset)
+        print(f"teacher: {teacher_desc}, {teacher.feature_dim}-d")
+        passes, passes_without, redone, shard_share = bench_label_pass(args, teacher)
+        print(f"RESULT label_build_teacher_passes {passes:.3f}")
+        print(f"RESULT label_build_teacher_passes_without_fit_store {passes_without:.3f}")
+        print(f"RESULT label_resume_fraction_redone {redone:.3f}")
+        print(f"RESULT label_resume_shard_share {shard_share:.3f}")
         return
     datasets.disable_progress_bars()
     started = time.perf_counter()
@@ -293,6 +482,7 @@ def main() -> None:
         f"4x ({4 * unit} items, {four['frames']} frames) {four['peak_rss_mb']:.0f} MB "
         f"(after imports and model: {one['rss_before_map_mb']:.0f} / {four['rss_before_map_mb']:.0f} MB)"
     )
+    passes, passes_without, redone, shard_share = bench_label_pass(args, teacher)
     print(f"total wall time {time.perf_counter() - started:.0f} s")
     print(f"RESULT label_map_efficiency_vs_teacher_only {map_speed / teacher_speed:.3f}")
     print(f"RESULT label_map_audio_seconds_per_second {map_speed:.2f}")
@@ -300,6 +490,10 @@ def main() -> None:
     print(f"RESULT kmeans_assign_speedup_vs_sklearn {sk_time / torch_time:.2f} x")
     print(f"RESULT kmeans_assign_label_mismatches {mismatches}")
     print(f"RESULT label_map_peak_rss_ratio_4x_vs_1x {four['peak_rss_mb'] / one['peak_rss_mb']:.3f}")
+    print(f"RESULT label_build_teacher_passes {passes:.3f}")
+    print(f"RESULT label_build_teacher_passes_without_fit_store {passes_without:.3f}")
+    print(f"RESULT label_resume_fraction_redone {redone:.3f}")
+    print(f"RESULT label_resume_shard_share {shard_share:.3f}")
 
 
 if __name__ == "__main__":

@@ -211,7 +211,8 @@ _FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow"}
 _METADATA_FILES = ("metadata.csv", "metadata.jsonl")
 
 
-def _is_saved_to_disk(path: str) -> bool:
+def is_saved_to_disk(path: str) -> bool:
+    """A folder written by ``datasets``' ``save_to_disk`` (a ``Dataset`` or a ``DatasetDict``)."""
     return os.path.isdir(path) and (
         os.path.exists(os.path.join(path, "dataset_dict.json"))
         or os.path.exists(os.path.join(path, "state.json"))
@@ -228,7 +229,7 @@ def _metadata_file(folder: str) -> str | None:
 def _is_local_audiofolder(path: str) -> bool:
     """A folder with metadata.csv/jsonl (at the top or in split subfolders) or audio files,
     and no parquet/arrow files (those go through `datasets.load_dataset`)."""
-    if not os.path.isdir(path) or _is_saved_to_disk(path):
+    if not os.path.isdir(path) or is_saved_to_disk(path):
         return False
     has_audio = False
     for _, _, files in os.walk(path):
@@ -238,6 +239,19 @@ def _is_local_audiofolder(path: str) -> bool:
             f in _METADATA_FILES or f.lower().endswith(AUDIO_EXTENSIONS) for f in files
         )
     return has_audio
+
+
+def has_data_files(path: str) -> bool:
+    """A local folder holding parquet/arrow files anywhere below it (``datasets.load_dataset`` reads them)."""
+    return os.path.isdir(path) and any(
+        f.endswith((".parquet", ".arrow")) for _, _, files in os.walk(path) for f in files
+    )
+
+
+def is_readable_corpus(path: str) -> bool:
+    """Whether ``load_audio_dataset`` can read the local folder ``path``: a ``save_to_disk`` folder, an
+    audiofolder (audio files or audiofolder metadata), or a folder of parquet/arrow files."""
+    return is_saved_to_disk(path) or _is_local_audiofolder(path) or has_data_files(path)
 
 
 def _load_local_audiofolder(
@@ -262,7 +276,7 @@ def _load_local_audiofolder(
             builder, data_files=meta, split="train", streaming=streaming, **extra, **load_kwargs
         )
         if "file_name" not in (ds.column_names or []):
-            raise ValueError(f"{meta}: audiofolder metadata needs a 'file_name' column")
+            raise UserError(f"{meta}: audiofolder metadata needs a 'file_name' column")
         return ds, os.path.dirname(meta)
     files = sorted(
         os.path.relpath(os.path.join(d, f), base).replace(os.sep, "/")
@@ -278,7 +292,7 @@ def _load_raw(path_or_id: str, streaming: bool, name: str | None, data_files: An
     """Open a non-audiofolder source without decoding audio: a (Iterable)Dataset or a dict."""
     import datasets
 
-    if _is_saved_to_disk(path_or_id):
+    if is_saved_to_disk(path_or_id):
         loaded = datasets.load_from_disk(path_or_id)
         if streaming:
             if isinstance(loaded, datasets.DatasetDict):
@@ -288,7 +302,7 @@ def _load_raw(path_or_id: str, streaming: bool, name: str | None, data_files: An
     if data_files is None and os.path.isfile(path_or_id):
         ext = os.path.splitext(path_or_id)[1].lower()
         if ext not in _FILE_BUILDERS:
-            raise ValueError(f"{path_or_id}: unsupported dataset file type {ext!r} (use parquet or arrow)")
+            raise UserError(f"{path_or_id}: unsupported dataset file type {ext!r} (use parquet or arrow)")
         return datasets.load_dataset(
             _FILE_BUILDERS[ext], data_files=path_or_id, streaming=streaming, **load_kwargs
         )
@@ -301,7 +315,7 @@ def _load_raw(path_or_id: str, streaming: bool, name: str | None, data_files: An
     except ImportError as err:
         if "torchcodec" not in str(err):
             raise
-        raise ValueError(
+        raise UserError(
             f"{path_or_id}: datasets needs torchcodec (FFmpeg) to prepare this dataset (an audiofolder "
             "layout); download it and pass the local folder, or use a parquet-based dataset"
         ) from err
@@ -321,14 +335,14 @@ def _select_split(loaded: Any, split: str | None, source: str) -> Any:
         ds = next(iter(loaded.values()))
         available = list(loaded)
     else:
-        raise ValueError(f"{source}: choose a split with split=...; available: {sorted(loaded)}")
+        raise UserError(f"{source}: choose a split with split=...; available: {sorted(loaded)}")
     if split is None:
         return ds
     if "split" in (ds.column_names or []):
         if isinstance(ds, datasets.Dataset) and split not in (values := ds.unique("split")):
-            raise ValueError(f"{source}: no split {split!r} (values of the 'split' column: {sorted(values)})")
+            raise UserError(f"{source}: no split {split!r} (values of the 'split' column: {sorted(values)})")
         return ds.filter(lambda value: value == split, input_columns="split")
-    raise ValueError(f"{source}: no split {split!r} (available: {available}; no 'split' column either)")
+    raise UserError(f"{source}: no split {split!r} (available: {available}; no 'split' column either)")
 
 
 def _find_audio_column(ds: Any, audio_column: str, source: str) -> str:
@@ -340,7 +354,7 @@ def _find_audio_column(ds: Any, audio_column: str, source: str) -> str:
     candidates = [k for k, v in features.items() if isinstance(v, datasets.Audio)]
     if len(candidates) == 1:
         return candidates[0]
-    raise ValueError(f"{source}: no audio column {audio_column!r} (columns: {ds.column_names})")
+    raise UserError(f"{source}: no audio column {audio_column!r} (columns: {ds.column_names})")
 
 
 # How a corpus is read: decoded once into the datasets cache, or decoded item by item where used.
@@ -386,7 +400,7 @@ def load_audio_dataset(
       ``file_name`` column (relative paths), at the top or in per-split subfolders; read with
       the csv/json builders, because the `datasets` audiofolder builder needs torchcodec.
       ``file_name`` is kept, so rows can be matched to trial lists;
-    * a folder written by ``save_to_disk``;
+    * a folder written by ``save_to_disk`` (its audio column may be ``Audio`` or file paths);
     * a ``.parquet``/``.arrow`` file;
     * anything else ``datasets.load_dataset`` accepts: a local folder of parquet files or a
       Hub dataset id (parquet-based; offline from local data with ``HF_DATASETS_OFFLINE=1``).
@@ -426,7 +440,12 @@ def load_audio_dataset(
     else:
         ds = _select_split(_load_raw(source, streaming, name, data_files, load_kwargs), split, source)
         column = _find_audio_column(ds, audio_column, source)
-        if isinstance((ds.features or {}).get(column), datasets.Audio):
+        feature = (ds.features or {}).get(column)
+        # A string column holds file paths (prepare_labels.py stores on-the-fly corpora that way, so
+        # its output does not copy the audio): read it as undecoded audio, like an Audio column.
+        if isinstance(feature, datasets.Audio) or (
+            isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+        ):
             ds = ds.cast_column(column, datasets.Audio(decode=False))
 
     if not decode and not streaming:

@@ -93,6 +93,11 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
     """Defaults in the help of every flag, the script's docstring kept as written, and only the
     current spelling of each flag (the hyphenated aliases are deprecated)."""
 
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.required:  # a required flag has no default to show
+            return action.help or ""
+        return super()._get_help_string(action)
+
     def _format_action_invocation(self, action: argparse.Action) -> str:
         if not action.option_strings or action.nargs == 0:
             return (
@@ -147,6 +152,10 @@ class ArgumentParser(HfArgumentParser):
         )
         self.default_config = default_config
         self.renamed = dict(renamed or {})
+        # After `parse`: option -> where the person set it ("on the command line" or "in FILE" for a
+        # --config file they passed); mapping keys appear as "model.hidden_size". Values that come
+        # from the defaults or from `default_config` are not in it.
+        self.explicit: dict[str, str] = {}
         for name in self._mapping_fields:
             self.add_argument(
                 f"--{name}",
@@ -156,8 +165,9 @@ class ArgumentParser(HfArgumentParser):
             )
         for action in self._actions:
             hint = self._hints.get(action.dest)
-            if hint is not None and _unwrap_optional(hint)[1] and callable(action.type):
-                action.type = _none_or(action.type)  # optional fields also take none/null
+            optional = hint is not None and _unwrap_optional(hint)[1]
+            if optional and "none" not in (action.choices or ()) and callable(action.type):
+                action.type = _none_or(action.type)  # optional fields also take none/null (unless a choice)
             if not action.help:  # argparse shows defaults only for flags with a help text
                 name = getattr(action.type, "__name__", "value") if action.type else "flag"
                 action.help = "bool" if name == "string_to_bool" else name
@@ -302,6 +312,22 @@ class ArgumentParser(HfArgumentParser):
         if config_path != self.default_config:
             self.set_defaults(config=config_path)
 
+        user_config = config_path if config_path != self.default_config else None
+        self.explicit = {}
+        if user_config:
+            for key, value in file_values.items():
+                if key in self._mapping_fields and isinstance(value, dict):
+                    self.explicit.update({f"{key}.{sub}": f"in {user_config}" for sub in value})
+                else:
+                    self.explicit[key] = f"in {user_config}"
+        for name, entries in mapping_flags.items():
+            self.explicit.update({f"{name}.{sub}": "on the command line" for sub in entries})
+        for token in tokens:  # before argparse, whose "required" check would hide a misspelled flag
+            flag = token.split("=", 1)[0]
+            if flag.startswith("--") and flag != "--" and flag not in self._option_string_actions:
+                self.error(f"unknown option {flag}{suggest(flag, self._known_flags())}")
+            if flag in self._option_string_actions:
+                self.explicit[self._option_string_actions[flag].dest] = "on the command line"
         namespace, rest = self.parse_known_args(tokens)
         if rest:
             first = rest[0]

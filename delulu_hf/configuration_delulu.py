@@ -12,6 +12,11 @@ from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
 LABEL_FRAME_ALIGNMENTS = ("nearest", "mean")
+# What a distillation head regresses onto (the same names as the label pipeline's teacher outputs),
+# with which loss, on which frames.
+DISTILL_TARGETS = ("backbone", "window-embedding")
+DISTILL_LOSSES = ("l1_cosine", "cosine", "l1", "mse")
+DISTILL_FRAMES = ("all", "masked", "unmasked")
 
 
 def feat_extract_output_lengths(config: "DeluluConfig", input_lengths):
@@ -102,6 +107,44 @@ class DeluluConfig(PreTrainedConfig):
         denoise_mix_max_overlap (0.5): an interfering utterance covers at most this fraction of
             the primary's length (WavLM).
 
+    Front-end stabilisers (fairseq HuBERT-Base sets ``feature_grad_mult: 0.1`` and
+    ``loss_weights: [10,]``; both exist because Base-size raw-waveform pretraining is unstable
+    without them. The defaults here are neutral, as in transformers' HuBERT, so fine-tuning is
+    unaffected; ``training/configs/base_4xh100.yaml`` sets HuBERT's values):
+        feature_grad_mult (1.0): the conv front end's gradient is scaled by this whenever the model
+            trains (the forward pass is unchanged). 0.1 = HuBERT-Base.
+        feature_penalty_weight (0.0): [`DeluluForPreTraining`] adds this times the mean squared
+            conv feature (over real frames and channels) to the loss, reported as
+            ``feature_penalty``. 10 = HuBERT's ``loss_weights``.
+
+    Teacher distillation (the paper's first open question: can regression onto the teacher's frame
+    features replace its k-means ids? DistilHuBERT's objective on a HuBERT-style student). Off by
+    default (``distill_loss_weight`` 0: the paper's recipe). The teacher never enters the model: the
+    training loop passes its features, aligned to the 16 ms frames, as ``teacher_targets``
+    (``delulu_hf.pretraining.distill``); these fields record what was distilled so a checkpoint
+    says which objective trained it:
+        distill_loss_weight (0.0): weight of the regression term. With ``cluster_loss_weight`` 1
+            both objectives train the encoder; with ``cluster_loss_weight`` 0 only the regression
+            does (the model then needs no labels; the pretraining data path still reads a labelled
+            corpus, whose ids only mark the real frames).
+        cluster_loss_weight (1.0): weight of the masked + denoising cluster cross-entropy.
+        distill_target ("window-embedding" | "backbone"): the teacher's embedding head over a
+            ``distill_window_seconds`` window centred on each frame (a speaker embedding per frame;
+            its k-means ids carry 8x the speaker NMI of backbone ids on the demo teacher), or the
+            pre-pooling backbone frames the paper clusters.
+        distill_dim (None): width of the targets (192 for the demo teacher's window embeddings);
+            sizes ``distill_head``, a linear map from the last layer. ``training/pretrain.py`` sets it
+            from the teacher when left unset; a model with ``distill_loss_weight > 0`` needs it.
+        distill_loss ("cosine" | "l1_cosine" | "l1" | "mse"): per frame, ``1 - cos``;
+            DistilHuBERT's ``L1 - log sigmoid(cos)``; or plain L1 / MSE. Cosine is the default
+            because what is distilled is a speaker embedding, which verification compares by
+            direction only; the magnitudes of standardised window embeddings carry no identity.
+        distill_frames ("all" | "masked" | "unmasked"): frames the regression covers (real frames
+            only). "all" is DistilHuBERT's; "masked" makes it masked prediction of teacher features.
+        distill_standardize (True): targets are standardised per dimension with statistics
+            measured on the training audio (stored with the run: ``distill_targets.json``).
+        distill_teacher_name (None), distill_window_seconds (1.0): provenance of the targets.
+
     Label provenance (so a checkpoint says how its targets were made):
         label_teacher_name ("redimnet-b6"): the teacher whose frame features were clustered.
         label_feature_dim (2304): width of those features (ReDimNet B4-B6: 2304).
@@ -169,6 +212,21 @@ class DeluluConfig(PreTrainedConfig):
     denoise_snr_min_db: float | int = 15.0
     denoise_snr_max_db: float | int = 25.0
     denoise_mix_max_overlap: float | int = 0.5
+
+    # Front-end stabilisers.
+    feature_grad_mult: float | int = 1.0
+    feature_penalty_weight: float | int = 0.0
+
+    # Teacher distillation.
+    distill_loss_weight: float | int = 0.0
+    cluster_loss_weight: float | int = 1.0
+    distill_target: str = "window-embedding"
+    distill_dim: int | None = None
+    distill_loss: str = "cosine"
+    distill_frames: str = "all"
+    distill_standardize: bool = True
+    distill_teacher_name: str | None = None
+    distill_window_seconds: float | int = 1.0
 
     # Label provenance.
     label_teacher_name: str | None = "redimnet-b6"
@@ -265,6 +323,27 @@ class DeluluConfig(PreTrainedConfig):
             raise ValueError(f"num_clusters (k-means k) must be >= 2, got {self.num_clusters}.")
         if self.logit_temperature <= 0:
             raise ValueError(f"logit_temperature must be > 0, got {self.logit_temperature}.")
+        if self.feature_grad_mult < 0 or self.feature_penalty_weight < 0:
+            raise ValueError(
+                f"feature_grad_mult ({self.feature_grad_mult}) and feature_penalty_weight "
+                f"({self.feature_penalty_weight}) must be >= 0."
+            )
+        if self.distill_loss_weight < 0 or self.cluster_loss_weight < 0:
+            raise ValueError(
+                f"distill_loss_weight ({self.distill_loss_weight}) and cluster_loss_weight "
+                f"({self.cluster_loss_weight}) must be >= 0."
+            )
+        for name, allowed in (
+            ("distill_target", DISTILL_TARGETS),
+            ("distill_loss", DISTILL_LOSSES),
+            ("distill_frames", DISTILL_FRAMES),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
+        if self.distill_dim is not None and self.distill_dim < 1:
+            raise ValueError(f"distill_dim must be >= 1 or None, got {self.distill_dim}.")
+        if self.distill_window_seconds <= 0:
+            raise ValueError(f"distill_window_seconds must be > 0, got {self.distill_window_seconds}.")
         if self.denoise_loss_weight < 0:
             raise ValueError(f"denoise_loss_weight (lambda) must be >= 0, got {self.denoise_loss_weight}.")
         if self.denoise_snr_min_db > self.denoise_snr_max_db:
@@ -282,4 +361,11 @@ class DeluluConfig(PreTrainedConfig):
 
 DeluluConfig.register_for_auto_class()
 
-__all__ = ["DeluluConfig", "feat_extract_output_lengths", "receptive_field"]
+__all__ = [
+    "DISTILL_FRAMES",
+    "DISTILL_LOSSES",
+    "DISTILL_TARGETS",
+    "DeluluConfig",
+    "feat_extract_output_lengths",
+    "receptive_field",
+]

@@ -36,6 +36,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.wav2vec2.modeling_wav2vec2 import (
     AMSoftmaxLoss,
     TDNNLayer,
+    Wav2Vec2BaseModelOutput,
     Wav2Vec2PreTrainedModel,
     _compute_mask_indices,
 )
@@ -133,6 +134,19 @@ class DeluluConvLayer(GradientCheckpointingLayer):
             hidden_states = hidden_states.transpose(1, 2)
         hidden_states = self.layer_norm(hidden_states)
         return self.activation(hidden_states)
+
+
+class _GradMultiply(torch.autograd.Function):
+    """Identity forward, gradient scaled by ``scale`` backward (fairseq's ``feature_grad_mult``)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * ctx.scale, None
 
 
 class DeluluFeatureEncoder(nn.Module):
@@ -351,6 +365,18 @@ class DeluluEncoder(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout)
         self.layers = nn.ModuleList([DeluluEncoderLayer(config) for _ in range(config.num_hidden_layers)])
         self.gradient_checkpointing = False
+        # When set (see `DeluluPreTrainedModel.set_layerdrop_seed`), LayerDrop draws from this seed
+        # instead of the global RNG, so every process of a distributed run skips the same layers.
+        self.layerdrop_seed: int | None = None
+
+    def layerdrop_skips(self) -> list[bool]:
+        """Which layers this forward pass skips (LayerDrop, arXiv 1909.11556; none in eval mode)."""
+        if not (self.training and self.config.layerdrop > 0.0):
+            return [False] * len(self.layers)
+        generator = None
+        if self.layerdrop_seed is not None:
+            generator = torch.Generator().manual_seed(self.layerdrop_seed)
+        return (torch.rand(len(self.layers), generator=generator) < self.config.layerdrop).tolist()
 
     def forward(
         self,
@@ -370,11 +396,9 @@ class DeluluEncoder(nn.Module):
             hidden_states = self.layer_norm(hidden_states)
         hidden_states = self.dropout(hidden_states)
 
-        for layer in self.layers:
-            # LayerDrop (arXiv 1909.11556): skip whole layers at random while training.
-            if self.training and self.config.layerdrop > 0.0 and torch.rand([]) < self.config.layerdrop:
-                continue
-            hidden_states = layer(hidden_states, attention_mask, **kwargs)
+        for layer, skipped in zip(self.layers, self.layerdrop_skips()):
+            if not skipped:
+                hidden_states = layer(hidden_states, attention_mask, **kwargs)
 
         if self.config.do_stable_layer_norm:
             hidden_states = self.layer_norm(hidden_states)
@@ -443,6 +467,17 @@ class DeluluPreTrainedModel(Wav2Vec2PreTrainedModel):
         """Encoder frames for ``input_lengths`` samples (``add_adapter`` is accepted for wav2vec2 API parity)."""
         return feat_extract_output_lengths(self.config, input_lengths)
 
+    def set_layerdrop_seed(self, seed: int | None) -> None:
+        """Draw the next forward pass's LayerDrop from ``seed`` (``None``: the global RNG, the default).
+
+        A distributed training loop passes the same seed on every process (e.g. derived from the
+        update step), so all processes skip the same layers: under FSDP/DeepSpeed each layer's
+        all-gather must happen on every rank, and under DDP the skipped layers stay consistent.
+        """
+        for module in self.modules():
+            if isinstance(module, DeluluEncoder):
+                module.layerdrop_seed = None if seed is None else int(seed)
+
     def _frame_attention_mask(self, num_frames: int, attention_mask: torch.Tensor) -> torch.Tensor:
         """Sample-level mask ``(batch, samples)`` -> bool frame mask ``(batch, num_frames)``; rejects empty items."""
         lengths = feat_extract_output_lengths(self.config, attention_mask.sum(-1).long())
@@ -499,7 +534,7 @@ class DeluluModel(DeluluPreTrainedModel):
 
     # Loading the encoder (or a downstream head) from a pretraining checkpoint drops the cluster head
     # silently: it is expected, not a problem to report.
-    _keys_to_ignore_on_load_unexpected = [r"^final_proj\.", r"^label_embeddings$"]
+    _keys_to_ignore_on_load_unexpected = [r"^final_proj\.", r"^label_embeddings$", r"^distill_head\."]
 
     def __init__(self, config: DeluluConfig):
         super().__init__(config)
@@ -572,8 +607,11 @@ class DeluluModel(DeluluPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         mask_time_indices: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> BaseModelOutput:
+    ) -> Wav2Vec2BaseModelOutput:
         r"""
+        Returns `last_hidden_state` and, as `Wav2Vec2Model` does, `extract_features` (the conv front end's
+        output, `(batch_size, frames, conv_dim[-1])`).
+
         Args:
             input_values (`torch.FloatTensor` of shape `(batch_size, samples)`): 16 kHz waveforms, e.g. from
                 `Wav2Vec2FeatureExtractor` (see `default_feature_extractor`).
@@ -594,13 +632,17 @@ class DeluluModel(DeluluPreTrainedModel):
                 f"of {receptive_field(self.config)} samples."
             )
         extract_features = self.feature_extractor(input_values)
+        if self.training and self.config.feature_grad_mult != 1.0:
+            extract_features = _GradMultiply.apply(extract_features, float(self.config.feature_grad_mult))
         frame_mask = None
         if attention_mask is not None:
             frame_mask = self._frame_attention_mask(extract_features.shape[1], attention_mask)
         hidden_states = self.feature_projection(extract_features)
         hidden_states = self._mask_hidden_states(hidden_states, mask_time_indices, frame_mask)
         encoder_outputs = self.encoder(hidden_states, attention_mask=frame_mask, **kwargs)
-        return BaseModelOutput(last_hidden_state=encoder_outputs.last_hidden_state)
+        return Wav2Vec2BaseModelOutput(
+            last_hidden_state=encoder_outputs.last_hidden_state, extract_features=extract_features
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -613,12 +655,24 @@ class DeluluForPreTrainingOutput(ModelOutput):
     r"""Output of [`DeluluForPreTraining`].
 
     Args:
-        loss (`torch.FloatTensor` of shape `()`): ``masked_loss + denoise_loss_weight * denoise_loss``
-            (exactly ``masked_loss`` when the weight is 0); present when `labels` are given.
+        loss (`torch.FloatTensor` of shape `()`): ``cluster_loss_weight * (masked_loss + denoise_loss_weight *
+            denoise_loss) + distill_loss_weight * distill_loss + feature_penalty_weight * feature_penalty``
+            (terms with weight 0 or without their inputs are left out); present when `labels` or
+            `teacher_targets` are given.
         masked_loss (`torch.FloatTensor` of shape `()`): mean cross-entropy over masked, labelled frames
             (0 when there are none).
         denoise_loss (`torch.FloatTensor` of shape `()`): mean cross-entropy over unmasked, labelled frames
             of corrupted items (0 when there are none).
+        feature_penalty (`torch.FloatTensor` of shape `()`): mean squared conv feature over real frames
+            (HuBERT's feature penalty; computed always, weighted by `feature_penalty_weight` in `loss`).
+        masked_loss_sum, denoise_loss_sum (`torch.FloatTensor` of shape `()`): the same cross-entropies
+            summed over frames, so a training loop can normalise by the frames of a whole update (all
+            micro-batches and processes) instead of averaging per-batch means.
+        distill_loss, distill_loss_sum (`torch.FloatTensor` of shape `()`): the regression onto `teacher_targets`
+            (see `DeluluConfig.distill_loss`), mean and sum over the distilled frames; present when
+            `teacher_targets` are given.
+        distill_cosine_sum, distill_count: summed cosine between prediction and target, and the number of
+            distilled frames (a loss-independent progress measure: mean cosine = sum / count).
         logits (`torch.FloatTensor` of shape `(batch_size, frames, num_clusters)`): cosine logits / temperature,
             float32, for every frame.
         mask_time_indices (`torch.BoolTensor` of shape `(batch_size, frames)`): the frames that were masked.
@@ -630,6 +684,13 @@ class DeluluForPreTrainingOutput(ModelOutput):
     loss: torch.FloatTensor | None = None
     masked_loss: torch.FloatTensor | None = None
     denoise_loss: torch.FloatTensor | None = None
+    feature_penalty: torch.FloatTensor | None = None
+    masked_loss_sum: torch.FloatTensor | None = None
+    denoise_loss_sum: torch.FloatTensor | None = None
+    distill_loss: torch.FloatTensor | None = None
+    distill_loss_sum: torch.FloatTensor | None = None
+    distill_cosine_sum: torch.FloatTensor | None = None
+    distill_count: torch.LongTensor | None = None
     logits: torch.FloatTensor | None = None
     mask_time_indices: torch.BoolTensor | None = None
     masked_correct: torch.LongTensor | None = None
@@ -653,8 +714,13 @@ class DeluluForPreTraining(DeluluPreTrainedModel):
       (``corrupted[b]`` is True), where the model sees the corrupted frame and must still name the
       clean primary speaker's cluster; it pushes the encoder to suppress the interferer.
 
-    ``loss = masked_loss + config.denoise_loss_weight * denoise_loss`` (see `DeluluConfig` for the
-    default weight and why).
+    With ``config.distill_loss_weight > 0`` a linear ``distill_head`` on the last layer regresses
+    the teacher's frame features that the training loop passes as ``teacher_targets`` (already aligned
+    to the 16 ms frames and standardised; the teacher itself never enters this file):
+
+    ``loss = cluster_loss_weight * (masked_loss + denoise_loss_weight * denoise_loss)
+    + distill_loss_weight * distill_loss + feature_penalty_weight * feature_penalty``
+    (terms whose weight is 0, or whose inputs are not given, are left out; see `DeluluConfig`).
     """
 
     def __init__(self, config: DeluluConfig):
@@ -662,6 +728,13 @@ class DeluluForPreTraining(DeluluPreTrainedModel):
         self.delulu = DeluluModel(config)
         self.final_proj = nn.Linear(config.hidden_size, config.final_dim)
         self.label_embeddings = nn.Parameter(torch.empty(config.num_clusters, config.final_dim))
+        if config.distill_loss_weight > 0:
+            if config.distill_dim is None:
+                raise ValueError(
+                    "distill_loss_weight > 0 needs config.distill_dim (the width of the teacher targets, e.g. "
+                    "192 for the demo teacher's window embeddings): the distillation head is sized by it."
+                )
+            self.distill_head = nn.Linear(config.hidden_size, config.distill_dim)
         self.post_init()
 
     def freeze_feature_encoder(self) -> None:
@@ -681,6 +754,8 @@ class DeluluForPreTraining(DeluluPreTrainedModel):
         labels: torch.Tensor | None = None,
         mask_time_indices: torch.Tensor | None = None,
         corrupted: torch.Tensor | None = None,
+        teacher_targets: torch.Tensor | None = None,
+        distill_frames: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> DeluluForPreTrainingOutput:
         r"""
@@ -694,6 +769,12 @@ class DeluluForPreTraining(DeluluPreTrainedModel):
                 When omitted, spans are drawn from the config in training mode; in eval mode nothing is masked.
             corrupted (`torch.BoolTensor` of shape `(batch_size,)`, *optional*): which items the collator
                 corrupted (noise or another utterance mixed in). `None` means none were.
+            teacher_targets (`torch.FloatTensor` of shape `(batch_size, frames, distill_dim)`, *optional*): the
+                teacher's features of the *clean* primary utterance at every encoder frame, for the distillation
+                head (needs `config.distill_loss_weight > 0`).
+            distill_frames (`torch.BoolTensor` of shape `(batch_size, frames)`, *optional*): frames the regression
+                covers. When omitted: `distill_frame_selection(config, real frames, mask_time_indices)`, the
+                selection `delulu_hf.pretraining.distill` also uses to count an update's frames.
         """
         batch_size, num_samples = input_values.shape[0], input_values.shape[-1]
         num_frames = feat_extract_output_lengths(self.config, num_samples)
@@ -726,9 +807,16 @@ class DeluluForPreTraining(DeluluPreTrainedModel):
             input_values, attention_mask=attention_mask, mask_time_indices=mask_time_indices, **kwargs
         )
         logits = self.cluster_logits(outputs.last_hidden_state)
+        feature_penalty = _feature_penalty(outputs.extract_features, frame_mask)
 
-        loss = masked_loss = denoise_loss = None
+        loss = masked_loss = denoise_loss = masked_sum = denoise_sum = None
         masked_correct = masked_count = denoise_correct = denoise_count = None
+        distill_loss = distill_sum = distill_cosine = distill_count = None
+        if teacher_targets is not None:
+            distill_sum, distill_cosine, distill_count = self._distill(
+                outputs.last_hidden_state, teacher_targets, distill_frames, frame_mask, mask_time_indices
+            )
+            distill_loss = distill_sum / distill_count.clamp(min=1)
         if labels is not None:
             labels = labels.to(logits.device)
             labelled = labels != -100
@@ -741,17 +829,32 @@ class DeluluForPreTraining(DeluluPreTrainedModel):
                 denoise_frames = torch.zeros_like(denoise_frames)
             else:
                 denoise_frames &= corrupted.to(device=logits.device, dtype=torch.bool)[:, None]
-            masked_loss, masked_correct, masked_count = _frame_cross_entropy(logits, labels, masked_frames)
-            denoise_loss, denoise_correct, denoise_count = _frame_cross_entropy(
-                logits, labels, denoise_frames
-            )
-            weight = self.config.denoise_loss_weight
-            loss = masked_loss + weight * denoise_loss if weight > 0 else masked_loss
+            masked_sum, masked_correct, masked_count = _frame_cross_entropy(logits, labels, masked_frames)
+            denoise_sum, denoise_correct, denoise_count = _frame_cross_entropy(logits, labels, denoise_frames)
+            masked_loss = masked_sum / masked_count.clamp(min=1)
+            denoise_loss = denoise_sum / denoise_count.clamp(min=1)
+            loss = masked_loss
+            if self.config.denoise_loss_weight > 0:
+                loss = loss + self.config.denoise_loss_weight * denoise_loss
+            if self.config.cluster_loss_weight != 1:
+                loss = self.config.cluster_loss_weight * loss
+        if distill_loss is not None:
+            weighted = self.config.distill_loss_weight * distill_loss
+            loss = weighted if loss is None else loss + weighted
+        if loss is not None and self.config.feature_penalty_weight > 0:
+            loss = loss + self.config.feature_penalty_weight * feature_penalty
 
         return DeluluForPreTrainingOutput(
             loss=loss,
             masked_loss=masked_loss,
             denoise_loss=denoise_loss,
+            feature_penalty=feature_penalty,
+            masked_loss_sum=masked_sum,
+            denoise_loss_sum=denoise_sum,
+            distill_loss=distill_loss,
+            distill_loss_sum=distill_sum,
+            distill_cosine_sum=distill_cosine,
+            distill_count=distill_count,
             logits=logits,
             mask_time_indices=mask_time_indices,
             masked_correct=masked_correct,
@@ -762,19 +865,86 @@ class DeluluForPreTraining(DeluluPreTrainedModel):
             attentions=outputs.attentions,
         )
 
+    def _distill(
+        self,
+        hidden_states: torch.Tensor,
+        targets: torch.Tensor,
+        selected: torch.Tensor | None,
+        frame_mask: torch.Tensor | None,
+        mask_time_indices: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Summed regression loss, summed cosine and count over the distilled frames."""
+        if not hasattr(self, "distill_head"):
+            raise ValueError(
+                "teacher_targets were given but this model has no distillation head: set "
+                "config.distill_loss_weight > 0 and config.distill_dim before building it."
+            )
+        batch_size, num_frames = hidden_states.shape[:2]
+        if targets.shape != (batch_size, num_frames, self.config.distill_dim):
+            raise ValueError(
+                f"teacher_targets have shape {tuple(targets.shape)}, expected ({batch_size}, {num_frames}, "
+                f"{self.config.distill_dim}) (batch, encoder frames, distill_dim)."
+            )
+        if selected is None:
+            real = torch.ones(batch_size, num_frames, dtype=torch.bool, device=hidden_states.device)
+            if frame_mask is not None:
+                real = frame_mask.to(real.device)
+            selected = distill_frame_selection(self.config, real, mask_time_indices)
+        selected = selected.to(device=hidden_states.device, dtype=torch.bool)
+        predicted = self.distill_head(hidden_states[selected]).float()
+        target = targets.to(hidden_states.device)[selected].float()
+        count = selected.sum()
+        if target.shape[0] == 0:  # keep the graph connected, as _frame_cross_entropy does
+            zero = self.distill_head(hidden_states[:, :1]).sum() * 0.0
+            return zero, zero.detach(), count
+        cosine = F.cosine_similarity(predicted, target, dim=-1, eps=1e-6)
+        kind = self.config.distill_loss
+        if kind == "cosine":
+            per_frame = 1.0 - cosine
+        elif kind == "l1_cosine":  # DistilHuBERT: L1 - log sigmoid(cos)
+            per_frame = (predicted - target).abs().mean(-1) - F.logsigmoid(cosine)
+        elif kind == "l1":
+            per_frame = (predicted - target).abs().mean(-1)
+        else:
+            per_frame = (predicted - target).pow(2).mean(-1)
+        return per_frame.sum(), cosine.detach().sum(), count
+
+
+def distill_frame_selection(
+    config: DeluluConfig, real_frames: torch.Tensor, mask_time_indices: torch.Tensor | None
+) -> torch.Tensor:
+    """The frames the distillation loss covers, ``(batch, frames)`` bool: real frames, all of them or the
+    masked / unmasked ones (``config.distill_frames``). One definition for the model and for the training
+    loop, which counts an update's distilled frames before the forward pass."""
+    real = real_frames.bool()
+    if config.distill_frames == "all":
+        return real
+    masked = torch.zeros_like(real) if mask_time_indices is None else mask_time_indices.to(real.device).bool()
+    return real & masked if config.distill_frames == "masked" else real & ~masked
+
 
 def _frame_cross_entropy(
     logits: torch.Tensor, labels: torch.Tensor, selected: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy, argmax hits and count over the ``selected`` frames (0 loss when none)."""
+    """Summed cross-entropy, argmax hits and count over the ``selected`` frames (0 loss when none)."""
     picked_logits, picked_labels = logits[selected], labels[selected]
     count = selected.sum()
     if picked_labels.numel() == 0:
         # Keep the graph connected so every parameter still gets a (zero) gradient.
         return logits.sum() * 0.0, count.new_zeros(()), count
-    loss = F.cross_entropy(picked_logits, picked_labels)
+    loss = F.cross_entropy(picked_logits, picked_labels, reduction="sum")
     correct = (picked_logits.argmax(-1) == picked_labels).sum()
     return loss, correct, count
+
+
+def _feature_penalty(features: torch.Tensor, frame_mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean squared conv feature over real frames and channels (fairseq HuBERT's ``features_pen``,
+    there over padding too; here padding-invariant)."""
+    squared = features.float().pow(2).mean(-1)
+    if frame_mask is None:
+        return squared.mean()
+    mask = frame_mask.to(squared.dtype)
+    return (squared * mask).sum() / mask.sum().clamp(min=1)
 
 
 def _weighted_layer_sum(hidden_states: tuple[torch.Tensor, ...], layer_weights: torch.Tensor) -> torch.Tensor:
@@ -942,6 +1112,7 @@ __all__ = [
     "DeluluModel",
     "DeluluPreTrainedModel",
     "default_feature_extractor",
+    "distill_frame_selection",
     "feat_extract_output_lengths",
     "receptive_field",
 ]

@@ -165,3 +165,67 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+
+
+# Salted files of `write_user_corpus`: file name -> what is wrong with it (each is left out when labelling).
+SALTED_FILES = {
+    "salted/corrupt.flac": "cannot decode",
+    "salted/empty.wav": "empty file",
+    "salted/blip.wav": "too short",  # 0.01 s: shorter than the encoder's receptive field
+}
+
+
+def write_user_corpus(
+    directory: str | Path,
+    source: str | Path,
+    speakers: int = 4,
+    per_speaker: int = 5,
+    split: str = "train",
+) -> Path:
+    """An audiofolder shaped like a user's own corpus, from real recordings (e.g. ``data/demo_corpus``).
+
+    The first `per_speaker` files of each of the first `speakers` speakers of `source` (rows of
+    `split`) are re-encoded as WAV and FLAC at 8, 16 and 44.1 kHz (cycling), one as stereo, into
+    ``audio/SPEAKER/NAME.wav|flac``; the salted files of `SALTED_FILES` (a corrupt FLAC, an empty
+    WAV, a 0.01 s WAV) are added under ``salted/``. ``metadata.csv`` lists every file with its
+    ``speaker_id`` (the salted ones under speaker ``salt``); there is no ``split`` column, as in most
+    people's folders. Returns the folder.
+    """
+    from delulu_hf.audio import load_audio, resample
+
+    d, source = Path(directory), Path(source)
+    with open(source / "metadata.csv", newline="", encoding="utf-8") as handle:
+        rows = [
+            r
+            for r in csv.DictReader(handle)
+            if r.get("split", split) == split and r.get("pseudo_speaker") != "True"
+        ]
+    chosen: dict[str, list[dict]] = {}
+    for row in rows:
+        group = chosen.setdefault(row["speaker_id"], [])
+        if len(group) < per_speaker and len(chosen) <= speakers:
+            group.append(row)
+    chosen = dict(list(chosen.items())[:speakers])
+    formats = itertools.cycle(
+        [("wav", 8000), ("flac", 16000), ("wav", 44100), ("flac", 8000), ("wav", 16000)]
+    )
+    out_rows = []
+    for n, row in enumerate(r for group in chosen.values() for r in group):
+        ext, rate = next(formats)
+        wave = resample(load_audio(str(source / row["file_name"])), 16000, rate)
+        if n == 1:  # one stereo file: two different gains of the same speech
+            wave = np.stack([0.5 * wave, 0.9 * wave], axis=1)
+        rel = f"audio/{row['speaker_id']}/{Path(row['file_name']).stem}.{ext}"
+        (d / rel).parent.mkdir(parents=True, exist_ok=True)
+        sf.write(d / rel, wave, rate, subtype="PCM_16", format=ext.upper())
+        out_rows.append({"file_name": rel, "speaker_id": row["speaker_id"]})
+    (d / "salted").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    (d / "salted/corrupt.flac").write_bytes(
+        b"fLaC\x00\x00\x00\x22" + rng.integers(0, 256, 4000, dtype=np.uint8).tobytes()
+    )
+    (d / "salted/empty.wav").write_bytes(b"")
+    sf.write(d / "salted/blip.wav", tone(0.01), SR, subtype="PCM_16")
+    out_rows += [{"file_name": name, "speaker_id": "salt"} for name in SALTED_FILES]
+    _write_csv(d / "metadata.csv", out_rows)
+    return d

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -258,6 +259,7 @@ def _generator():
         "make_demo_corpus", REPO / "training" / "make_demo_corpus.py"
     )
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
     spec.loader.exec_module(module)
     return module
 
@@ -271,6 +273,29 @@ def test_generator_help_names_the_debian_packages(capsys):
         assert word in text
 
 
+def test_generator_flags_old_spellings_and_typos(tmp_path, capsys):
+    gen = _generator()
+    args = gen.parse_args(["--voices", "us2", "hb1", "--data_dir", str(tmp_path), "--no_card"])
+    assert (args.voices, args.data_dir, args.no_card, args.num_mixtures) == (
+        ["us2", "hb1"],
+        tmp_path,
+        True,
+        36,
+    )
+    # The old hyphenated spellings still work, with a deprecation warning.
+    old = gen.parse_args(["--utterances-per-voice", "2", "--no-channel", "--data-dir", str(tmp_path)])
+    assert (old.utterances_per_voice, old.no_channel, old.data_dir) == (2, True, tmp_path)
+    assert "--no-channel is deprecated, use --no_channel" in capsys.readouterr().err
+    for argv, message in (
+        (["--voicez", "us2"], "did you mean --voices?"),
+        (["--voices", "xx9"], "unknown voices"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            gen.parse_args(argv)
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+
+
 needs_tools = pytest.mark.skipif(
     bool(dc.missing_tools()) or not all(os.path.exists(dc.database_path(v)) for v in ("us2", "hb1")),
     reason="espeak-ng, mbrola, sox or the mbrola-us2/mbrola-hb1 voices are not installed "
@@ -281,11 +306,11 @@ needs_tools = pytest.mark.skipif(
 @needs_tools
 def test_generator_is_deterministic_on_two_voices(tmp_path):
     gen = _generator()
-    argv = ["--voices", "us2", "hb1", "--utterances-per-voice", "2", "--pseudo-per-voice", "1"]
-    argv += ["--pseudo-utterances", "1", "--noise-seconds", "1", "--num-mixtures", "0", "--processes", "1"]
+    argv = ["--voices", "us2", "hb1", "--utterances_per_voice", "2", "--pseudo_per_voice", "1"]
+    argv += ["--pseudo_utterances", "1", "--noise_seconds", "1", "--num_mixtures", "0", "--processes", "1"]
     outputs = []
     for run in ("a", "b"):
-        assert gen.main([*argv, "--data-dir", str(tmp_path / run)]) == 0
+        assert gen.main([*argv, "--data_dir", str(tmp_path / run)]) == 0
         outputs.append(tmp_path / run / "demo_corpus")
     rows_a, rows_b = (read_csv(o / "metadata.csv") for o in outputs)
     assert rows_a == rows_b and len(rows_a) == 2 + 2 + 1  # us2 (test), hb1 (train) + 1 pseudo

@@ -5,6 +5,10 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import os
+import re
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -13,27 +17,11 @@ import pytest
 import soundfile as sf
 import torch
 
-from delulu_hf.evaluation.features import (
-    AudioItem,
-    FeatureSet,
-    TeacherEncoder,
-    TransformersEncoder,
-    extract_features,
-    length_batches,
-    load_encoder,
-)
-from delulu_hf.evaluation.tasks import (
-    Corpus,
-    Mixture,
-    Mixtures,
-    diarization,
-    diarization_windows,
-    estimate_num_speakers,
-    generate_trials,
-    read_trials,
-    run_evaluation,
-    speaker_split,
-)
+from delulu_hf.evaluation import run_evaluation
+from delulu_hf.evaluation.data import Corpus, Mixture, Mixtures, generate_trials, read_trials, speaker_split
+from delulu_hf.evaluation.diarization import diarization, diarization_windows, estimate_num_speakers
+from delulu_hf.evaluation.encoders import TeacherEncoder, TransformersEncoder, load_encoder
+from delulu_hf.evaluation.features import AudioItem, FeatureSet, extract_features, length_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 SR = 16000
@@ -410,10 +398,15 @@ def test_tiny_delulu_runs_every_task_with_its_own_xvector_head(tmp_path, synthet
     assert results["extraction"]["corpus"]["audio_seconds"] == pytest.approx(8 * (1.0 + 1.25 + 1.5 + 1.75))
 
 
-def test_cli_writes_results(tmp_path, synthetic):
+def _load_cli():
     spec = importlib.util.spec_from_file_location("evaluate_cli", ROOT / "training" / "evaluate.py")
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
+    return cli
+
+
+def test_cli_writes_results(tmp_path, synthetic, capsys):
+    cli = _load_cli()
     corpus, _ = synthetic
     trials = tmp_path / "trials.csv"
     trials.write_text(
@@ -422,7 +415,7 @@ def test_cli_writes_results(tmp_path, synthetic):
     out = tmp_path / "out"
     code = cli.main(
         ["--model", "mfcc", "--data", str(corpus), "--trials", str(trials), "--tasks", "verification",
-         "--output", str(out), "--device", "cpu", "--no-progress"]
+         "--output", str(out), "--device", "cpu", "--no_progress"]
     )  # fmt: skip
     assert code == 0
     results = json.loads((out / "results.json").read_text())
@@ -436,6 +429,57 @@ def test_cli_writes_results(tmp_path, synthetic):
     )  # fmt: skip
     assert code == 0  # counting falls back to mixtures generated from held-out speakers
     assert json.loads((out / "results.json").read_text())["tasks"]["counting"]["n_test"] > 0
+    # the hyphenated spellings of earlier versions still work, with a deprecation warning
+    err = capsys.readouterr().err
+    assert "--mixtures-per-count is deprecated, use --mixtures_per_count" in err
+    assert "--no-progress is deprecated, use --no_progress" in err
+    counting = json.loads((out / "results.json").read_text())["tasks"]["counting"]
+    assert counting["n_train"] + counting["n_test"] == 2 * 4  # --mixtures-per-count 2, counts 1-4
+
+
+def test_cli_missing_data_exits_2_before_creating_output(tmp_path):
+    """``--data`` that does not exist: one line on stderr, exit code 2, no output folder, no model load."""
+    out = tmp_path / "O"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "training" / "evaluate.py"), "--model", "X", "--data", "no_such_dir",
+         "--output", str(out)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines == ["evaluate.py: error: --data no_such_dir: no such folder"]
+    assert "Traceback" not in proc.stderr
+    assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize(
+    "flag,value,message",
+    [
+        ("--trials", "missing.csv", "--trials missing.csv: no such file"),
+        ("--mixtures", "missing_mixtures", "--mixtures missing_mixtures: no such folder"),
+        ("--model", "./missing_model", "--model ./missing_model: no such file or folder"),
+        ("--model", "runs/missing/model", "--model runs/missing/model: no such file or folder"),
+        ("--model", "missing.pt", "--model missing.pt: no such file or folder"),
+    ],
+)
+def test_cli_checks_paths_before_loading_anything(tmp_path, synthetic, monkeypatch, flag, value, message):
+    from delulu_hf.errors import UserError
+
+    cli = _load_cli()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "run_evaluation", lambda **_: pytest.fail("run_evaluation must not be reached"))
+    args = {"--model": "mfcc", "--data": str(synthetic[0]), "--output": "O", flag: value}
+    with pytest.raises(UserError, match="^" + re.escape(message) + "$"):
+        cli.main([token for pair in args.items() for token in pair])
+    assert not os.path.exists(tmp_path / "O")
+
+
+def test_cli_tells_hub_ids_from_local_paths():
+    cli = _load_cli()
+    for hub in ("mfcc", "MFCC", "microsoft/wavlm-base-plus", "gpt2"):
+        assert not cli._looks_local(hub), hub
+    for local in ("./x", "/abs/model", "runs/a/b", "teacher.pt", "..", str(ROOT)):
+        assert cli._looks_local(local), local
 
 
 def test_mixtures_reject_bad_rows(tmp_path):
@@ -447,3 +491,235 @@ def test_mixtures_reject_bad_rows(tmp_path):
         _ = Mixtures([Mixture("x", tmp_path / "a.flac", 1)], "one") + Mixtures(
             [Mixture("x", tmp_path, 1)], "two"
         )
+
+
+# --------------------------------------------------------------------------------------------------
+# Progress and step logs (issue 14): integer units, never past the total, a line per step
+# --------------------------------------------------------------------------------------------------
+
+
+class _RecordingBar:
+    """Stands in for tqdm: records every position and the total it was given."""
+
+    bars: list[_RecordingBar] = []
+
+    def __init__(self, iterable=None, total=None, disable=False, **kwargs):
+        self.iterable, self.total, self.n, self.kwargs = iterable, total, 0, kwargs
+        self.positions: list = []
+        _RecordingBar.bars.append(self)
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update(1)
+
+    def update(self, n=1):
+        self.n += n
+        self.positions.append(self.n)
+
+    def set_postfix(self, **kwargs):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_progress_bars_count_whole_units_and_never_pass_their_total(tmp_path, synthetic, monkeypatch):
+    import delulu_hf.evaluation.diarization as diarization_module
+    import delulu_hf.evaluation.features as features_module
+    import delulu_hf.evaluation.probes as probes_module
+    import delulu_hf.evaluation.verification as verification_module
+
+    for module in (features_module, probes_module, verification_module, diarization_module):
+        monkeypatch.setattr(module, "tqdm", _RecordingBar)
+    _RecordingBar.bars = []
+    # Lengths that are not whole seconds or tenths: a float running total would drift.
+    path = str(synthetic[0] / "spk0" / "utt3.flac")
+    items = [AudioItem(f"i{n}", path, num_samples=16000 + 1601 * n + 7) for n in range(9)]
+    extract_features(load_encoder("mfcc"), items, batch_seconds=2.0)
+    (bar,) = _RecordingBar.bars
+    assert bar.kwargs["unit"] == "s" and isinstance(bar.total, int)
+    assert all(isinstance(n, int) and 0 <= n <= bar.total for n in bar.positions)
+    assert bar.positions[-1] == bar.total == round(sum(it.num_samples for it in items) / SR)
+    # Every task has a bar whose total is what it counts (layers, steps, mixtures).
+    _RecordingBar.bars = []
+    corpus, mixtures = synthetic
+    run_evaluation(
+        "mfcc", corpus, tmp_path, tasks=ALL_TASKS, mixtures=mixtures, downstream_epochs=1,
+        downstream_head_overrides=dict(tdnn_dim=(8, 8, 8), tdnn_kernel=(3, 3, 1), tdnn_dilation=(1, 2, 1),
+                                       xvector_output_dim=8),
+    )  # fmt: skip
+    descriptions = {b.kwargs.get("desc") for b in _RecordingBar.bars}
+    for name in (
+        "verification",
+        "x-vector head",
+        "identification",
+        "profiling: gender",
+        "counting",
+        "diarization",
+    ):
+        assert name in descriptions, (name, descriptions)
+    for b in _RecordingBar.bars:
+        total = b.total if b.total is not None else len(b.iterable)
+        assert all(isinstance(n, int) and n <= total for n in b.positions), b.kwargs
+
+
+def test_each_step_logs_its_start_and_wall_time(tmp_path, synthetic, caplog):
+    caplog.set_level("INFO", logger="delulu_hf.evaluation.suite")
+    results = run_evaluation(
+        "mfcc", synthetic[0], tmp_path, tasks=["verification", "identification"], progress=False
+    )
+    messages = [r.getMessage() for r in caplog.records if r.name == "delulu_hf.evaluation.suite"]
+    for step in ("features: corpus", "task verification", "task identification"):
+        assert f"{step}: started" in messages
+        assert any(re.fullmatch(rf"{re.escape(step)}: done in \d+\.\d s", m) for m in messages), messages
+        assert results["wall_seconds"][step] >= 0
+    assert any(m.startswith("evaluation done in") for m in messages)
+    assert json.loads((tmp_path / "results.json").read_text())["wall_seconds"]["total"] >= 0
+
+
+# --------------------------------------------------------------------------------------------------
+# A --model that is not a model: one line, before anything is loaded or created (issue 14)
+# --------------------------------------------------------------------------------------------------
+
+
+def _not_a_model(tmp_path: Path, kind: str) -> Path:
+    folder = tmp_path / kind
+    folder.mkdir()
+    if kind == "empty":
+        return folder
+    if kind == "run_folder":  # pretrain.py's output folder instead of its final/ model
+        (folder / "final").mkdir()
+        (folder / "final" / "config.json").write_text("{}")
+    elif kind == "bad_json":
+        (folder / "config.json").write_text("{not json")
+    elif kind == "no_model_type":
+        (folder / "config.json").write_text('{"hidden_size": 4}')
+    elif kind == "unknown_type":
+        (folder / "config.json").write_text('{"model_type": "not-a-model"}')
+    elif kind == "no_weights":
+        (folder / "config.json").write_text('{"model_type": "delulu"}')
+    elif kind == "text_file":
+        folder = tmp_path / "model.txt"
+        folder.write_text("x")
+    return folder
+
+
+@pytest.mark.parametrize(
+    "kind,message",
+    [
+        ("empty", "no config.json: not a model folder"),
+        ("run_folder", "no config.json: not a model folder; did you mean {path}/final?"),
+        ("bad_json", "config.json is not valid JSON"),
+        ("no_model_type", "config.json has no model_type: not a transformers model folder"),
+        ("unknown_type", "model_type 'not-a-model' is not a transformers model"),
+        ("no_weights", "a delulu config.json but no weights (model.safetensors)"),
+        ("text_file", "a file, but not a ReDimNet .pt checkpoint"),
+    ],
+)
+def test_cli_rejects_a_model_folder_that_is_not_a_model(tmp_path, synthetic, monkeypatch, kind, message):
+    from delulu_hf.errors import UserError
+
+    cli = _load_cli()
+    monkeypatch.setattr(cli, "run_evaluation", lambda **_: pytest.fail("run_evaluation must not be reached"))
+    path = _not_a_model(tmp_path, kind)
+    argv = ["--model", str(path), "--data", str(synthetic[0]), "--output", str(tmp_path / "O")]
+    with pytest.raises(UserError) as error:
+        cli.main(argv)
+    assert str(error.value).startswith(f"--model {path}: " + message.format(path=path)), str(error.value)
+    assert "\n" not in str(error.value)
+    assert not os.path.exists(tmp_path / "O")
+    # The library says the same before it creates the output folder.
+    with pytest.raises(UserError, match=re.escape(message.format(path=path))):
+        run_evaluation(str(path), synthetic[0], tmp_path / "O", progress=False)
+    assert not os.path.exists(tmp_path / "O")
+
+
+def _cli_error(cli, argv: list[str], capsys) -> tuple[int, list[str]]:
+    """Run the CLI in-process as ``main_entry`` does: (exit code, the non-empty stderr lines)."""
+    from delulu_hf.errors import UserError
+
+    try:
+        code = cli.main(argv)
+    except UserError as err:
+        print(f"evaluate.py: error: {err}", file=sys.stderr)
+        code = 2
+    except SystemExit as exit_info:  # the argument parser's own errors
+        code = exit_info.code
+    return code, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+
+def test_cli_user_errors_exit_2_with_one_line(tmp_path, synthetic, monkeypatch, capsys):
+    """Bad values and malformed inputs: exit 2, one line, before any model is loaded or output created."""
+    cli = _load_cli()
+    monkeypatch.setattr(cli, "run_evaluation", lambda **_: pytest.fail("run_evaluation must not be reached"))
+    corpus = synthetic[0]
+    bad_data = tmp_path / "bad_data"
+    bad_data.mkdir()
+    (bad_data / "metadata.csv").write_text("file_name,gender\na.flac,f\n")
+    not_a_model = tmp_path / "not_a_model"
+    not_a_model.mkdir()
+    out = tmp_path / "O"
+    cases = [
+        (["--tasks", "verificaton"], "--tasks: unknown task(s) ['verificaton']"),
+        (["--batch_seconds", "0"], "--batch_seconds must be positive, got 0.0"),
+        (["--seed", "abc"], "invalid int value: 'abc'"),
+        (["--model", str(not_a_model)], "no config.json: not a model folder"),
+        (["--output", str(bad_data / "metadata.csv")], "is a file, expected a folder"),
+    ]
+    for extra, message in cases:
+        args = {"--model": "mfcc", "--data": str(corpus), "--output": str(out), "--tasks": "verification"}
+        args.update(dict(zip(extra[::2], extra[1::2])))
+        code, lines = _cli_error(cli, [t for kv in args.items() for t in kv], capsys)
+        assert code == 2, (extra, lines)
+        assert len(lines) == 1 and lines[0].startswith("evaluate.py: error: ") and message in lines[0], lines
+        assert not out.exists(), extra
+
+
+def test_malformed_data_and_trials_fail_before_the_model_is_loaded(tmp_path, synthetic, monkeypatch, capsys):
+    """metadata.csv without speaker_id, a trial naming an unknown file: one line, no model, no output."""
+    import delulu_hf.evaluation.suite as suite
+
+    monkeypatch.setattr(suite, "load_encoder", lambda *a, **k: pytest.fail("no model may be loaded"))
+    cli = _load_cli()
+    bad_data = tmp_path / "bad_data"
+    bad_data.mkdir()
+    (bad_data / "metadata.csv").write_text("file_name,gender\na.flac,f\n")
+    bad_trials = tmp_path / "trials.csv"
+    bad_trials.write_text("enroll_file,test_file,target\nspk4/utt0.flac,nobody.flac,1\n")
+    out = tmp_path / "O"
+    for extra, message in (
+        (["--data", str(bad_data)], "missing column(s) ['speaker_id']"),
+        (["--trials", str(bad_trials)], "test_file 'nobody.flac' is not in"),
+    ):
+        args = {
+            "--model": "mfcc",
+            "--data": str(synthetic[0]),
+            "--output": str(out),
+            "--tasks": "verification",
+        }
+        args.update(dict(zip(extra[::2], extra[1::2])))
+        code, lines = _cli_error(cli, [t for kv in args.items() for t in kv], capsys)
+        assert code == 2 and len(lines) == 1 and message in lines[0], lines
+        assert not out.exists()
+
+
+def test_a_hub_id_that_does_not_load_is_one_line_and_leaves_no_output(tmp_path, synthetic, monkeypatch):
+    """A typo'd or unreachable Hub id (nothing on disk): a UserError with transformers' first line."""
+    import delulu_hf.evaluation.encoders as encoders
+    from delulu_hf.errors import UserError
+
+    def offline(*args, **kwargs):
+        raise OSError(
+            "We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your connection."
+        )
+
+    monkeypatch.setattr(encoders, "TransformersEncoder", offline)
+    out = tmp_path / "O"
+    with pytest.raises(UserError) as error:
+        run_evaluation("org/no-such-model", synthetic[0], out, progress=False)
+    assert str(error.value) == (
+        "model org/no-such-model: no such local folder, and loading it as a Hub id failed: "
+        "We couldn't connect to 'https://huggingface.co' to load the files."
+    )
+    assert not out.exists()

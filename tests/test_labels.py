@@ -510,14 +510,14 @@ def free_port() -> int:
 def test_two_processes_match_one(tmp_path):
     data = str(tmp_path / "corpus")
     write_audiofolder(data)
-    common = ["--data", data, "--split", "train", "--features", "mfcc", "--k", "6", "--n-init", "2"]
-    common += ["--chunk-size", "3", "--max-frames", "400", "--kmeans-batch-size", "256", "--device", "cpu"]
+    common = ["--data", data, "--split", "train", "--features", "mfcc", "--k", "6", "--n_init", "2"]
+    common += ["--chunk_size", "3", "--max_frames", "400", "--kmeans_batch_size", "256", "--device", "cpu"]
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     # accelerate's torchrun-based launcher; `--cpu --num_processes 2` would need MPI for a second process.
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     command += ["--main_process_port", str(free_port()), os.path.join(REPO, "training", "prepare_labels.py")]
-    command += common + ["--output", str(tmp_path / "two"), "--cache-dir", str(tmp_path / "cache2")]
+    command += common + ["--output", str(tmp_path / "two"), "--cache_dir", str(tmp_path / "cache2")]
     command += ["--report", str(tmp_path / "two" / "report")]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -529,7 +529,7 @@ def test_two_processes_match_one(tmp_path):
         sys.path.pop(0)
     assert (
         prepare_labels.main(
-            common + ["--output", str(tmp_path / "one"), "--cache-dir", str(tmp_path / "cache1")]
+            common + ["--output", str(tmp_path / "one"), "--cache_dir", str(tmp_path / "cache1")]
         )
         == 0
     )
@@ -547,9 +547,11 @@ def test_two_processes_match_one(tmp_path):
     config = DeluluConfig.from_json_file(str(tmp_path / "one" / "model_config.json"))
     assert (config.num_clusters, config.label_feature_dim, config.label_teacher_name) == (6, 39, "mfcc")
     assert os.path.isfile(tmp_path / "two" / "report" / "occupancy.png")
-    # Both processes did part of the work: one cache block per process, merged.
-    blocks = sorted(f for f in os.listdir(tmp_path / "cache2") if f.startswith("delulu-labels-"))
-    assert [b.rsplit("-", 2)[1:] for b in blocks] == [["0", "6.arrow"], ["6", "10.arrow"]]
+    # Both processes did part of the work: one committed shard (item block) per process, merged.
+    shard_dir = tmp_path / "two" / "work" / "shards"
+    blocks = [labels.read_shard(shard_dir / f, metadata_only=True) for f in sorted(os.listdir(shard_dir))]
+    assert [[b["begin"], b["end"]] for b in blocks] == [["0", "6"], ["6", "10"]]
+    assert sorted(b["rank"] for b in blocks) == ["0", "1"]
     assert (two.provenance["processes"], one.provenance["processes"]) == (2, 1)
     assert not os.path.exists(tmp_path / "two" / ".fit")
 
@@ -565,21 +567,21 @@ def test_cli_reuses_centroids_and_rejects_mismatch(tmp_path, mfcc_centroids):
     small_config(16).to_json_file(config_path)
     args = ["--data", "unused", "--features", "mfcc", "--centroids", path, "--output", str(tmp_path / "out")]
     with pytest.raises(ValueError, match="num_clusters=16"):
-        prepare_labels.main(args + ["--model-config", config_path])
+        prepare_labels.main(args + ["--model_config", config_path])
     with pytest.raises(ValueError, match="'nearest'-aligned features, not 'mean'"):
         prepare_labels.main(args + ["--alignment", "mean"])
     # Without a model config, reusing the centroids needs no other flags.
     data = str(tmp_path / "corpus")
     write_audiofolder(data, num_items=3)
     args[1] = data
-    assert prepare_labels.main(args + ["--split", "train", "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert prepare_labels.main(args + ["--split", "train", "--cache_dir", str(tmp_path / "cache")]) == 0
     labelled = datasets.load_from_disk(str(tmp_path / "out" / "dataset")).with_format(None)
     assert len(labelled) == 3 and all(ids and max(ids) < 8 for ids in labelled["cluster_ids"])
     torch.testing.assert_close(labels.Centroids.load(tmp_path / "out").centroids, mfcc_centroids.centroids)
 
 
 def test_cli_window_embedding_labels_and_reuse(tmp_path):
-    """``--teacher-output window-embedding`` clusters the head's windowed embeddings; the centroids
+    """``--teacher_output window-embedding`` clusters the head's windowed embeddings; the centroids
     record it, a reuse without flags picks it up again, and backbone features are refused."""
     from delulu_hf.teacher.redimnet import ReDimNet, ReDimNetConfig
 
@@ -602,11 +604,11 @@ def test_cli_window_embedding_labels_and_reuse(tmp_path):
         "train",
         "--teacher",
         teacher_dir,
-        "--cache-dir",
+        "--cache_dir",
         str(tmp_path / "c"),
     ]
-    fit = common + ["--k", "3", "--n-init", "1", "--output", str(tmp_path / "fit")]
-    assert prepare_labels.main(fit + ["--teacher-output", "window-embedding", "--window-seconds", "0.5"]) == 0
+    fit = common + ["--k", "3", "--n_init", "1", "--output", str(tmp_path / "fit")]
+    assert prepare_labels.main(fit + ["--teacher_output", "window-embedding", "--window_seconds", "0.5"]) == 0
     centroids = labels.Centroids.load(tmp_path / "fit")
     teacher_info = centroids.provenance["teacher"]
     assert centroids.dim == 16 and teacher_info["name"].endswith(":window-51")
@@ -621,7 +623,7 @@ def test_cli_window_embedding_labels_and_reuse(tmp_path):
     reuse = common + ["--centroids", str(tmp_path / "fit" / "centroids.safetensors")]
     # the same ids when items are decoded as the teacher needs them (no decoded cache)
     assert (
-        prepare_labels.main(reuse + ["--output", str(tmp_path / "again"), "--audio-decoding", "on-the-fly"])
+        prepare_labels.main(reuse + ["--output", str(tmp_path / "again"), "--audio_decoding", "on-the-fly"])
         == 0
     )
 
@@ -632,9 +634,42 @@ def test_cli_window_embedding_labels_and_reuse(tmp_path):
 
     assert ids("again") == ids("fit") and len(ids("fit")) == 4
     with pytest.raises(ValueError, match="fitted on .*window-51"):
-        prepare_labels.main(reuse + ["--teacher-output", "backbone", "--output", str(tmp_path / "bad")])
+        prepare_labels.main(reuse + ["--teacher_output", "backbone", "--output", str(tmp_path / "bad")])
     with pytest.raises(ValueError, match="needs a ReDimNet teacher"):
         labels.load_featurizer("mfcc", output="window-embedding")
+
+
+def test_cli_old_hyphenated_spellings_still_work_and_warn(capsys):
+    sys.path.insert(0, os.path.join(REPO, "training"))
+    try:
+        import prepare_labels
+    finally:
+        sys.path.pop(0)
+    required = ["--data", "corpus", "--teacher", "t", "--output", "out"]
+    old = prepare_labels.parse_args(required + ["--teacher-output", "window-embedding", "--no-bf16"])
+    new = prepare_labels.parse_args(required + ["--teacher_output", "window-embedding", "--no_bf16"])
+    assert old == new and old.teacher_output == "window-embedding" and old.bf16 is False
+    err = capsys.readouterr().err
+    assert "--teacher-output is deprecated, use --teacher_output" in err
+    assert "--no-bf16 is deprecated, use --no_bf16" in err
+    # The checks of the old command line are kept: choices, and a teacher unless --features mfcc.
+    with pytest.raises(SystemExit) as exit_info:
+        prepare_labels.parse_args(required + ["--teacher_output", "pooled"])
+    assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        prepare_labels.parse_args(["--data", "corpus", "--output", "out"])
+    assert "--teacher is required (or --features mfcc)" in capsys.readouterr().err
+
+
+def test_cli_unknown_flag_exits_2_naming_the_closest_flag(tmp_path):
+    command = [sys.executable, os.path.join(REPO, "training", "prepare_labels.py"), "--data", "corpus"]
+    command += ["--features", "mfcc", "--output", str(tmp_path / "out"), "--window_secnods", "0.5"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "prepare_labels.py: error: unknown option --window_secnods (did you mean --window_seconds?) (see --help)"
+    ]
+    assert not os.path.exists(tmp_path / "out")
 
 
 def test_compare_label_features_scores_speaker_and_content_features():
@@ -687,7 +722,7 @@ def test_compare_label_features_cli(tmp_path):
     data = str(tmp_path / "corpus")
     write_audiofolder(data, num_items=6)
     out = tmp_path / "out"
-    args = ["--data", data, "--teacher", teacher, "--windows", "0.2", "--k", "3", "--n-init", "1"]
+    args = ["--data", data, "--teacher", teacher, "--windows", "0.2", "--k", "3", "--n_init", "1"]
     assert compare_label_features.main(args + ["--output", str(out)]) == 0
     saved = json.loads((out / "results.json").read_text())
     assert list(saved["features"]) == ["redimnet backbone", "redimnet window 0.2 s", "mfcc"]

@@ -1,4 +1,4 @@
-"""Metric correctness: hand-computed cases and brute-force references (no sklearn/scipy inside)."""
+"""Metric correctness: hand-computed cases and brute-force references (scipy only for the DER mapping)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from delulu_hf.evaluation import read_rttm, write_rttm
 from delulu_hf.evaluation.metrics import (
     compute_eer,
     compute_min_dcf,
     diarization_error_rate,
     plot_det_curves,
-    read_rttm,
-    write_rttm,
 )
 
 MODULES = Path(__file__).resolve().parents[1] / "delulu_hf" / "evaluation" / "metric_modules"
@@ -312,6 +311,93 @@ def test_der_matches_brute_force_frame_reference(seed):
     ref = segments(["A", "B", "C"], int(rng.integers(2, 7)))
     hyp = segments(["x", "y", "z", "w"][: int(rng.integers(1, 5))], int(rng.integers(1, 7)))
     assert diarization_error_rate(ref, hyp)["der"] == pytest.approx(brute_force_der(ref, hyp), abs=1e-9)
+
+
+def frame_der(ref, hyp, collar=0.0, step=0.001):
+    """Independent DER reference: 1 ms frames, Hungarian mapping (scipy) on frame counts.
+
+    Frames are scored inside the extent of reference and hypothesis together, except those within
+    collar / 2 of a reference boundary; a speaker listed twice at one instant counts once.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    everything = ref + hyp
+    start, end = min(s for s, _, _ in everything), max(e for _, e, _ in everything)
+    t = start + (np.arange(int(np.ceil((end - start) / step))) + 0.5) * step
+    t = t[t < end]
+    scored = np.ones(len(t), bool)
+    if collar > 0:
+        for s, e, _ in ref:
+            for b in (s, e):
+                scored &= np.abs(t - b) >= collar / 2
+    t = t[scored]
+
+    def activity(segs):
+        names = sorted({spk for *_, spk in segs})
+        act = np.zeros((len(t), len(names)), bool)
+        for s, e, spk in segs:
+            act[:, names.index(spk)] |= (t >= s) & (t < e)
+        return act
+
+    R, H = activity(ref), activity(hyp)
+    n_ref, n_hyp = R.sum(1), H.sum(1)
+    correct = np.zeros(len(t))
+    if R.shape[1] and H.shape[1]:
+        cooc = R.T.astype(float) @ H.astype(float)
+        for i, j in zip(*linear_sum_assignment(cooc, maximize=True)):
+            correct += R[:, i] & H[:, j]
+    missed = np.maximum(0, n_ref - n_hyp).sum()
+    false_alarm = np.maximum(0, n_hyp - n_ref).sum()
+    confusion = (np.minimum(n_ref, n_hyp) - correct).sum()
+    return (missed + false_alarm + confusion) / n_ref.sum()
+
+
+def _random_conversation(rng, speakers, seconds=20.0):
+    """Turns of random speakers with gaps and overlaps (times not on any grid)."""
+    out, t = [], float(rng.uniform(0, 1))
+    while t < seconds:
+        length = float(rng.uniform(0.3, 3.0))
+        out.append((t, t + length, str(rng.choice(speakers))))
+        t += length + float(rng.uniform(-0.8, 1.0))  # negative: the next turn overlaps this one
+    return out
+
+
+def _random_pairs(n=50, seed=1234):
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for k in range(n):
+        ref = _random_conversation(rng, ["A", "B", "C", "D"][: int(rng.integers(2, 5))])
+        if k % 2:  # an independent segmentation: large errors, many confusions
+            hyp = _random_conversation(rng, ["x", "y", "z"][: int(rng.integers(1, 4))])
+        else:  # a plausible system: jittered boundaries, some relabelled, dropped and extra turns
+            names = {spk: f"h{i}" for i, spk in enumerate(rng.permutation(["A", "B", "C", "D"]))}
+            hyp = []
+            for s, e, spk in ref:
+                if rng.random() < 0.1:
+                    continue
+                s, e = s + float(rng.normal(0, 0.2)), e + float(rng.normal(0, 0.2))
+                label = names[spk] if rng.random() > 0.15 else str(rng.choice(list(names.values())))
+                if e > s:
+                    hyp.append((s, e, label))
+            hyp.append((float(rng.uniform(0, 18)), float(rng.uniform(18, 21)), "h9"))
+        pairs.append((ref, hyp))
+    return pairs
+
+
+@pytest.mark.parametrize("collar", [0.0, 0.5])
+def test_der_matches_frame_level_hungarian_reference(collar):
+    """pyannote.metrics (exact segment times) against 1 ms frames with scipy's Hungarian mapping."""
+    pairs = _random_pairs()
+    with_overlap = sum(
+        any(a[2] != b[2] and a[1] > b[0] for a, b in itertools.combinations(sorted(ref), 2))
+        for ref, _ in pairs
+    )
+    assert with_overlap >= 0.8 * len(pairs)  # the hard case: overlapped reference speech
+    worst = 0.0
+    for ref, hyp in pairs:
+        ours = diarization_error_rate(ref, hyp, collar=collar)["der"]
+        worst = max(worst, abs(ours - frame_der(ref, hyp, collar)))
+    assert worst < 1e-2
 
 
 def test_rttm_roundtrip(tmp_path):

@@ -364,6 +364,92 @@ def test_pretraining_losses():
     assert model.label_embeddings.grad is not None
 
 
+def test_cluster_logits_are_cosine_over_temperature():
+    """Replacing the cosine by a plain dot product (or dropping the temperature) must fail here."""
+    config = no_dropout(logit_temperature=0.25)
+    torch.manual_seed(0)
+    model = DeluluForPreTraining(config).eval()
+    with torch.no_grad():
+        model.label_embeddings.mul_(7.0)  # norms far from 1: a dot product would differ from the cosine
+        hidden = 5.0 * torch.randn(2, 9, config.hidden_size)
+        logits = model.cluster_logits(hidden)
+        projected = model.final_proj(hidden)
+        expected = (
+            torch.nn.functional.cosine_similarity(
+                projected[:, :, None, :], model.label_embeddings[None, None, :, :], dim=-1
+            )
+            / config.logit_temperature
+        )
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+    assert float(logits.abs().max()) <= 1.0 / config.logit_temperature + 1e-5
+    # The bound is reached: a frame whose projection points at a cluster embedding scores exactly 1/tau.
+    with torch.no_grad():
+        aligned = torch.nn.functional.normalize(model.label_embeddings.float(), dim=-1)
+        direct = aligned @ aligned.t() / config.logit_temperature
+    torch.testing.assert_close(direct.diagonal(), torch.full((config.num_clusters,), 4.0))
+
+
+def test_feature_grad_mult_scales_only_the_front_end_gradient():
+    values, mask, _ = padded_batch([16000, 9000])
+    grads = {}
+    for mult in (1.0, 0.1):
+        torch.manual_seed(0)
+        model = DeluluModel(no_dropout(feature_grad_mult=mult, apply_spec_augment=False)).train()
+        out = model(values, attention_mask=mask)
+        out.last_hidden_state.float().pow(2).mean().backward()
+        grads[mult] = (
+            out.last_hidden_state.detach(),
+            model.feature_extractor.conv_layers[0].conv.weight.grad.clone(),
+            model.feature_projection.projection.weight.grad.clone(),
+        )
+    torch.testing.assert_close(grads[0.1][0], grads[1.0][0])  # the forward pass is unchanged
+    torch.testing.assert_close(grads[0.1][1], 0.1 * grads[1.0][1])  # conv front end: a tenth
+    torch.testing.assert_close(grads[0.1][2], grads[1.0][2])  # everything after it: untouched
+
+
+def test_feature_penalty_is_mean_square_of_real_frames_and_weighted_in_the_loss():
+    config = no_dropout(feature_penalty_weight=10.0, denoise_loss_weight=0.0)
+    torch.manual_seed(0)
+    model = DeluluForPreTraining(config).train()
+    values, mask, singles = padded_batch([16000, 9000])
+    frames = feat_extract_output_lengths(config, 16000)
+    labels = torch.randint(0, config.num_clusters, (2, frames), generator=torch.Generator().manual_seed(1))
+    mask_time = model.delulu.compute_mask_time_indices(2, frames)
+    out = model(values, attention_mask=mask, labels=labels, mask_time_indices=mask_time)
+    features = model.delulu.feature_extractor(values)
+    real = model._frame_attention_mask(frames, mask)
+    expected = features.pow(2).mean(-1)[real].mean()
+    torch.testing.assert_close(out.feature_penalty, expected)
+    torch.testing.assert_close(out.loss, out.masked_loss + 10.0 * out.feature_penalty)
+    # Padding-invariant: the padded item's frames weigh exactly as in its unpadded run.
+    alone = [model.delulu.feature_extractor(x[None]).pow(2).mean(-1).flatten() for x in singles]
+    torch.testing.assert_close(out.feature_penalty, torch.cat(alone).mean())
+    # The summed cross-entropy is what the update-level normalisation divides.
+    torch.testing.assert_close(out.masked_loss_sum / out.masked_count, out.masked_loss)
+
+
+def test_layerdrop_seed_fixes_which_layers_are_skipped():
+    model = DeluluModel(tiny_config(num_hidden_layers=8, layerdrop=0.5)).train()
+    encoder = model.encoder
+    model.set_layerdrop_seed(123)
+    first = encoder.layerdrop_skips()
+    assert encoder.layerdrop_skips() == first  # the same seed: the same layers (on every process)
+    assert any(first) and not all(first)
+    patterns = set()
+    for seed in range(20):
+        model.set_layerdrop_seed(seed)
+        patterns.add(tuple(encoder.layerdrop_skips()))
+    assert len(patterns) > 10  # different seeds (steps) skip different layers
+    model.eval()
+    assert not any(encoder.layerdrop_skips())  # never in eval mode
+    model.train()
+    model.set_layerdrop_seed(None)  # back to the global RNG
+    torch.manual_seed(5)
+    a = encoder.layerdrop_skips()
+    torch.manual_seed(5)
+    assert encoder.layerdrop_skips() == a
+
+
 def test_pretraining_draws_masks_in_training_only():
     config = tiny_config()
     model = DeluluForPreTraining(config)

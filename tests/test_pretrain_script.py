@@ -24,9 +24,12 @@ from audio_fixtures import synthetic_voice
 from safetensors.torch import load_file
 
 from delulu_hf import DeluluConfig, feat_extract_output_lengths
+from delulu_hf import pretraining as P
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "training", "pretrain.py")
+# pretrain.py's main(), SIGKILLed right before the checkpoint folder of a given step is renamed into place.
+KILLED_IN_CHECKPOINT = os.path.join(REPO, "tests", "fault_injection", "pretrain_killed_in_checkpoint.py")
 MAX_STEPS = 24
 TINY_MODEL = dict(
     hidden_size=32,
@@ -90,9 +93,51 @@ def tiny(tmp_path_factory) -> dict[str, str]:
     return {"root": str(root), "config": str(root / "tiny.yaml")}
 
 
-def pretrain(config: str, output_dir: str, *args: str, launcher: list[str] | None = None, **extra_env: str):
-    command = (launcher or [sys.executable]) + [SCRIPT, "--config", config, "--output_dir", output_dir, *args]
+def pretrain(
+    config: str,
+    output_dir: str,
+    *args: str,
+    launcher: list[str] | None = None,
+    script: str = SCRIPT,
+    **extra_env: str,
+):
+    command = (launcher or [sys.executable]) + [script, "--config", config, "--output_dir", output_dir, *args]
     return subprocess.run(command, env=dict(env(), **extra_env), capture_output=True, text=True, timeout=300)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, SCRIPT, *args], env=env(), capture_output=True, text=True, timeout=120, cwd=REPO
+    )
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--max_steps", "abc"], ["--max_steps", "'abc'"]),
+        (["--max_steps", "-1"], ["max_steps must be >= 1", "-1"]),
+        (["--learning_rat", "1e-3"], ["unknown option --learning_rat", "--learning_rate"]),
+    ],
+)
+def test_user_errors_print_one_line_and_exit_2(args, expected):
+    result = run_cli(*args)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr[-2000:]
+    assert lines[0].startswith("pretrain.py: error: ")
+    for text in expected:
+        assert text in lines[0]
+
+
+def test_help_lists_the_default_config_values():
+    with open(os.path.join(REPO, "training", "configs", "demo.yaml")) as handle:
+        demo = yaml.safe_load(handle)
+    result = run_cli("--help")
+    assert result.returncode == 0, result.stderr[-2000:]
+    # the --max_steps entry: from its flag to the next flag, re-joined over argparse's line wrapping
+    entry = result.stdout.split("--max_steps MAX_STEPS", 2)[2].split("\n  --", 1)[0]
+    assert f"(default: {demo['max_steps']})" in " ".join(entry.split())
+    assert demo["max_steps"] != P.PretrainConfig().max_steps, "the file's value, not the dataclass default"
 
 
 def losses(output_dir: str) -> dict[int, float]:
@@ -133,7 +178,7 @@ def test_sigkill_mid_checkpoint_and_mid_training_resume_exactly(tiny, reference)
     ckpts = os.path.join(out, "checkpoints")
 
     # 1. Killed while writing the step-8 checkpoint: the state files exist, the rename never happened.
-    first = pretrain(tiny["config"], out, DELULU_FAULT_INJECTION="kill_in_checkpoint@8")
+    first = pretrain(tiny["config"], out, "--kill_in_checkpoint_at_step", "8", script=KILLED_IN_CHECKPOINT)
     assert first.returncode == -signal.SIGKILL, first.stderr[-2000:]
     assert sorted(os.listdir(ckpts)) == [".tmp-step_00000008", "step_00000004"]
     assert os.path.isfile(os.path.join(ckpts, ".tmp-step_00000008", "model.safetensors"))

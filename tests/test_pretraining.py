@@ -282,7 +282,7 @@ def test_sampler_shards_by_rank_and_resumes_at_any_position():
 # ----------------------------------------------------------------------------------------------
 
 
-def test_yaml_config_and_command_line_overrides(tmp_path):
+def test_yaml_config_and_command_line_overrides(tmp_path, capsys):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump({"max_steps": 7, "model": {"hidden_size": 64, "num_attention_heads": 4}}))
     cfg = P.parse_config(
@@ -309,14 +309,26 @@ def test_yaml_config_and_command_line_overrides(tmp_path):
     assert cfg.overwrite_output_dir is True and cfg.resume_from_checkpoint is None
     model_config = P.build_model_config(cfg)
     assert (model_config.hidden_size, model_config.num_hidden_layers) == (64, 3)
-    with pytest.raises(ValueError, match="unknown option --max_step"):
-        P.parse_config(["--config", str(path), "--max_step", "3"])
-    with pytest.raises(ValueError, match="'max_steps'"):
-        P.parse_config(["--config", str(path), "--max_steps", "many"])
+    assert P.parse_config(["--config", str(path), "--adam_betas", "0.7", "0.95"]).adam_betas == (0.7, 0.95)
+
+    def parse_error(argv: list[str]) -> str:
+        """The one line a bad command line prints (the parser exits with code 2)."""
+        with pytest.raises(SystemExit) as exit_info:
+            P.parse_config(argv)
+        assert exit_info.value.code == 2
+        return capsys.readouterr().err
+
+    assert "unknown option --max_step " in parse_error(["--config", str(path), "--max_step", "3"])
+    assert "--max_steps: invalid int value: 'many'" in parse_error(
+        ["--config", str(path), "--max_steps", "many"]
+    )
     path.write_text("learning_rat: 0.1\n")
-    with pytest.raises(ValueError, match=r"unknown config field\(s\) \['learning_rat'\]"):
-        P.parse_config(["--config", str(path)])
-    with pytest.raises(ValueError, match="not DeluluConfig fields"):
+    assert "unknown option 'learning_rat' (did you mean learning_rate?)" in parse_error(
+        ["--config", str(path)]
+    )
+    with pytest.raises(
+        ValueError, match=r"not DeluluConfig fields: hidden_sise \(did you mean hidden_size\?\)"
+    ):
         P.build_model_config(P.PretrainConfig(model={"hidden_sise": 3}))
     with pytest.raises(ValueError, match="fp16"):
         P.PretrainConfig(mixed_precision="fp16")

@@ -3,6 +3,7 @@ end to end on a tiny synthetic corpus with a tiny encoder (the real ``--quick`` 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -13,9 +14,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from delulu_hf import replication as R
-
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_script(name: str):
+    """``training/<name>.py`` as a module, by file path: putting ``training/`` on ``sys.path`` would
+    shadow the ``evaluate`` package with ``training/evaluate.py`` for every later test."""
+    module_name = f"delulu_training_{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, ROOT / "training" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module  # dataclasses resolve their annotations through sys.modules
+        spec.loader.exec_module(module)
+    return sys.modules[module_name]
+
+
+R = _load_script("replication")
 
 
 def _labels(tmp_path: Path, name: str) -> R.LabelRun:
@@ -43,10 +57,17 @@ def test_plan_defaults_follow_the_modes_and_the_demo_config():
         R.make_plan(steps=0)
 
 
-def test_variants_differ_only_in_labels_and_lambda(tmp_path):
+def test_variants_differ_only_in_labels_lambda_and_distillation(tmp_path):
     plan = R.make_plan(quick=True, output=str(tmp_path))
     by_name = {v.name: v for v in plan.variants}
-    assert set(by_name) == {"delulu", "delulu_lambda0", "mfcc_control", "delulu_window"}
+    assert set(by_name) == {
+        "delulu",
+        "delulu_lambda0",
+        "mfcc_control",
+        "delulu_window",
+        "delulu_distill",
+        "delulu_window_distill",
+    }
     runs = {name: _labels(tmp_path, name) for name in R.LABEL_SETS}
     commands = {name: R.pretrain_command(plan, v, 0, runs[v.labels]) for name, v in by_name.items()}
 
@@ -63,6 +84,27 @@ def test_variants_differ_only_in_labels_and_lambda(tmp_path):
     window = options(commands["delulu_window"])
     assert {k for k in base if base[k] != window.get(k)} == label_keys
     assert window["--dataset"].endswith(os.path.join("redimnet_window", "dataset"))
+    # Distillation: the run's teacher copy computes the targets; alone, the cluster ids get weight 0.
+    distill, both = options(commands["delulu_distill"]), options(commands["delulu_window_distill"])
+    assert {k for k in distill if distill[k] != base.get(k)} == {
+        "--output_dir",
+        "--teacher",
+        "--model.distill_loss_weight",
+        "--model.distill_target",
+        "--model.distill_window_seconds",
+        "--model.cluster_loss_weight",
+    }
+    assert distill["--teacher"] == os.path.join(plan.output, "teacher")
+    assert distill["--model.cluster_loss_weight"] == "0.0" and distill["--model.distill_loss_weight"] == "1.0"
+    assert distill["--model.distill_target"] == "window-embedding"
+    assert {k for k in both if both[k] != window.get(k)} == {
+        "--output_dir",
+        "--teacher",
+        "--model.distill_loss_weight",
+        "--model.distill_target",
+        "--model.distill_window_seconds",
+    }
+    assert not by_name["mfcc_control"].teacher_informed and by_name["delulu_distill"].teacher_informed
 
 
 def test_window_label_set_asks_prepare_labels_for_window_embeddings(tmp_path, monkeypatch):
@@ -84,17 +126,17 @@ def test_window_label_set_asks_prepare_labels_for_window_embeddings(tmp_path, mo
     for name in R.LABEL_SETS:
         R.prepare_labels(plan, name, "TEACHER")
     flags = {
-        name: [a for a in calls[f"labels ({name})"] if a in ("--features", "--teacher", "--teacher-output")]
+        name: [a for a in calls[f"labels ({name})"] if a in ("--features", "--teacher", "--teacher_output")]
         for name in R.LABEL_SETS
     }
     assert flags == {
         "redimnet": ["--teacher"],
-        "redimnet_window": ["--teacher", "--teacher-output"],
+        "redimnet_window": ["--teacher", "--teacher_output"],
         "mfcc": ["--features"],
     }
     window = calls["labels (redimnet_window)"]
-    assert window[window.index("--teacher-output") + 1] == "window-embedding"
-    assert window[window.index("--window-seconds") + 1] == "0.75"
+    assert window[window.index("--teacher_output") + 1] == "window-embedding"
+    assert window[window.index("--window_seconds") + 1] == "0.75"
 
 
 def test_aggregate_mean_sample_std_and_missing_values():
@@ -282,9 +324,128 @@ def test_quick_mode_cli(tmp_path):
     """The real ``--quick`` run on the demo corpus (4.7 min on 2 idle cores; much longer when busy)."""
     out, res = tmp_path / "run", tmp_path / "results"
     cmd = [sys.executable, str(ROOT / "training" / "replicate.py"), "--quick", "--output", str(out)]
-    subprocess.run(cmd + ["--results-dir", str(res), "--no-progress"], check=True, cwd=ROOT)
+    subprocess.run(cmd + ["--results_dir", str(res), "--no_progress"], check=True, cwd=ROOT)
     saved = json.loads((res / "results.json").read_text())
     assert saved["mode"] == "quick" and saved["wall_seconds"] > 0
     assert saved["summary"]["delulu"]["eer_last"]["mean"] is not None
     assert saved["summary"]["delulu_window"]["eer_last"]["mean"] is not None
     assert set(saved["labels"]) == set(R.LABEL_SETS)
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def test_replicate_cli_flags_old_spellings_and_typos(capsys):
+    cli = _load_script("replicate")
+    args = cli.parse_args(["--quick", "--results_dir", "r", "--seeds", "3", "4", "--steps", "7"])
+    assert (args.quick, args.results_dir, args.seed_list, args.steps) == (True, "r", [3, 4], 7)
+    assert cli.parse_args([]).seed_list is None and not cli.parse_args([]).no_progress
+    # The pre-0.2 spellings still work, with a deprecation warning.
+    old = cli.parse_args(["--results-dir", "r", "--retrain-teacher", "--no-progress", "--seeds", "0,1,2"])
+    assert (old.results_dir, old.retrain_teacher, old.no_progress, old.seed_list) == (
+        "r",
+        True,
+        True,
+        [0, 1, 2],
+    )
+    assert "--results-dir is deprecated, use --results_dir" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        cli.parse_args(["--quik"])
+    assert exit_info.value.code == 2
+    assert "did you mean --quick?" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        cli.parse_args(["--seeds", "0,x"])
+    assert exit_info.value.code == 2 and "--seeds takes integers" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- issue 16: downstream column, decision, GPU preset
+
+
+def _stats(*eers: float) -> dict:
+    return {"eer_last": R.aggregate(list(eers)), "eer_downstream": R.aggregate([e - 0.05 for e in eers])}
+
+
+def test_downstream_eer_is_a_headline_metric():
+    results = _fake_results(0.2)
+    results["tasks"]["verification_downstream"] = {"eer": 0.12, "min_dcf_0.01": 0.8}
+    assert R.headline_metrics(results)["eer_downstream"] == 0.12
+    assert R.headline_metrics(_fake_results(0.2))["eer_downstream"] is None
+    assert "verification_downstream" in R.make_plan(quick=True).tasks
+    table = R.results_table(R.summarise({"m": [R.headline_metrics(results)]}), {"m": 1})
+    assert "EER downstream" in table.splitlines()[0] and "| 12.0% |" in table
+
+
+def test_decision_needs_both_references_both_metrics_and_twice_the_larger_std():
+    summary = {
+        "mfcc_control": _stats(0.40, 0.42, 0.38),
+        "random_init": _stats(0.44, 0.45, 0.43),
+        "delulu_window": _stats(0.20, 0.21, 0.19),
+        "delulu": _stats(0.39, 0.30, 0.45),  # too noisy to count
+    }
+    assert R.beats(summary, "delulu_window", "mfcc_control", "eer_last")
+    assert not R.beats(summary, "delulu", "mfcc_control", "eer_last")
+    text = R.verdict(summary)
+    assert "Decided: DELULU-window beat(s) both" in text and "DELULU," not in text.split("Decided:")[1]
+    table = R.comparison_table(summary)
+    assert table.splitlines()[0].startswith(
+        "| model | vs mfcc_control, zero-shot | vs mfcc_control, downstream"
+    )
+    row = next(line for line in table.splitlines() if line.startswith("| delulu_window |"))
+    assert row.count("**yes**") == 4 and "+20.0 (> 4.0? **yes**)" in row
+    # downstream within noise for the only candidate: nothing is decided
+    noisy = dict(summary)
+    noisy["delulu_window"] = {
+        "eer_last": summary["delulu_window"]["eer_last"],
+        "eer_downstream": R.aggregate([0.30, 0.45, 0.20]),
+    }
+    assert "Not decided" in R.verdict(noisy)
+    # one seed has no spread: never decided
+    single = {k: {m: R.aggregate(v[m]["values"][:1]) for m in v} for k, v in summary.items()}
+    assert "Not decided" in R.verdict(single)
+
+
+def test_gpu_preset_and_its_cpu_dry_run(tmp_path):
+    gpu = R.make_plan(preset="gpu", output=str(tmp_path))
+    assert (gpu.mode, gpu.seeds, gpu.steps, gpu.parallel) == ("gpu", (0, 1, 2), R.GPU_PRESET["steps"], 6)
+    assert gpu.model_overrides["hidden_size"] > 192 and gpu.max_batch_samples > 256000
+    cmd = R.pretrain_command(gpu, R.VARIANTS[0], 0, _labels(tmp_path, "redimnet"))
+    assert cmd[cmd.index("--mixed_precision") + 1] == "bf16"
+    assert cmd[cmd.index("--model.hidden_size") + 1] == "384"
+    dry = R.make_plan(preset="gpu", dry_run=True, output=str(tmp_path))
+    assert (dry.mode, dry.seeds, dry.steps) == ("gpu-dry-run", (0,), R.GPU_DRY_RUN_STEPS)
+    assert dry.model_overrides == gpu.model_overrides and dry.parallel == gpu.parallel
+    assert "--mixed_precision" not in R.pretrain_command(dry, R.VARIANTS[0], 0, _labels(tmp_path, "redimnet"))
+    with pytest.raises(ValueError, match="preset"):
+        R.make_plan(preset="tpu")
+    with pytest.raises(ValueError, match="dry_run"):
+        R.make_plan(dry_run=True)
+    cli = _load_script("replicate")
+    args = cli.parse_args(["--preset", "gpu", "--dry_run"])
+    assert (args.preset, args.dry_run) == ("gpu", True)
+    lines = cli.result_lines(
+        {
+            "mode": "gpu",
+            "summary": {"delulu": _stats(0.2, 0.3), "mfcc_mean": {"eer_last": R.aggregate([0.4])}},
+        }
+    )
+    assert lines[0] == "RESULT mode=gpu model=delulu seeds=2 eer_last=25.00+-7.07 eer_downstream=20.00+-7.07"
+    assert lines[1] == "RESULT mode=gpu model=mfcc_mean seeds=1 eer_last=40.00"
+
+
+@pytest.mark.slow
+def test_tiny_replication_distillation_and_downstream(tmp_path):
+    """The distillation variant (teacher in the training step, cluster loss off) and the downstream
+    x-vector column, for real on the tiny corpus (~4.5 min on 2 busy cores)."""
+    distill = next(v for v in R.VARIANTS if v.name == "delulu_distill")
+    plan = _tiny_plan(tmp_path, (distill,))
+    plan.tasks = ("verification", "verification_downstream", "profiling")
+    results = R.run_replication(plan, command="test")
+    stats = results["summary"]["delulu_distill"]
+    assert 0.0 <= stats["eer_last"]["mean"] <= 1.0 and 0.0 <= stats["eer_downstream"]["mean"] <= 1.0
+    assert results["summary"]["mfcc_mean"]["eer_downstream"]["mean"] is not None
+    final = tmp_path / "run" / "pretrain" / "delulu_distill-seed0" / "final"
+    config = json.loads((final / "config.json").read_text())
+    assert config["distill_loss_weight"] == 1.0 and config["cluster_loss_weight"] == 0.0
+    assert (final / "distill_targets.json").is_file()
+    md = (tmp_path / "results" / "results.md").read_text()
+    assert "EER downstream" in md and "| delulu_distill |" in md

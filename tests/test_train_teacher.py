@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from delulu_hf.teacher.training import (
     AAMSoftmax,
     CropCollator,
     NoiseAugmenter,
+    TeacherTrainingConfig,
     equal_error_rate,
 )
 
@@ -45,6 +47,7 @@ def one_thread():
 def _load_cli():
     spec = importlib.util.spec_from_file_location("train_teacher_cli", ROOT / "training" / "train_teacher.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
     spec.loader.exec_module(module)
     return module
 
@@ -154,17 +157,17 @@ def test_train_teacher_lowers_loss_saves_both_formats_and_resumes(tiny_corpus, t
     args = [
         "--data", str(tiny_corpus),
         "--trials", str(tiny_corpus / "trials.csv"),
-        "--output-dir", str(out),
-        "--model-overrides", json.dumps(TINY_OVERRIDES),
-        "--batch-size", "8",
-        "--learning-rate", "5e-3",
-        "--warmup-steps", "2",
-        "--margin-warmup-fraction", "0",
-        "--crop-seconds", "0.6", "0.8",
+        "--output_dir", str(out),
+        "--model_overrides", json.dumps(TINY_OVERRIDES),
+        "--batch_size", "8",
+        "--learning_rate", "5e-3",
+        "--warmup_steps", "2",
+        "--margin_warmup_fraction", "0",
+        "--crop_seconds", "0.6", "0.8",
         "--speeds", "1.0", "1.1",
-        "--log-every", "5",
+        "--log_every", "5",
     ]  # fmt: skip
-    summary = cli.main([*args, "--max-steps", "20", "--save-every", "10"])
+    summary = cli.main([*args, "--max_steps", "20", "--save_every", "10"])
     losses = summary["losses"]
     assert len(losses) == 20
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
@@ -190,7 +193,35 @@ def test_train_teacher_lowers_loss_saves_both_formats_and_resumes(tiny_corpus, t
     assert not list((out / "checkpoints").rglob("custom_checkpoint*")), "no pickled custom state"
 
     # A longer run in the same folder continues from step 20 with the saved loss history.
-    resumed = cli.main([*args, "--max-steps", "22", "--save-every", "10"])
+    resumed = cli.main([*args, "--max_steps", "22", "--save_every", "10"])
     assert len(resumed["losses"]) == 22
     assert resumed["losses"][:20] == pytest.approx(losses)
     assert (out / "checkpoints" / "step_0000022").is_dir()
+
+
+def test_train_teacher_cli_flags_old_spellings_and_typos(capsys):
+    cli = _load_cli()
+    config = cli.parse_args(
+        ["--data", "d", "--output_dir", "o", "--model_overrides.C", "8", "--crop_seconds", "1", "2"]
+    )
+    assert isinstance(config, TeacherTrainingConfig)
+    assert (config.model_overrides, config.crop_seconds, config.speeds) == ({"C": 8}, (1.0, 2.0), (1.0,))
+    assert (config.max_steps, config.preset, config.resume, config.num_threads) == (300, "b0", True, None)
+    # The old spellings (JSON overrides, hyphens, --threads, --no-official, --no-resume) still work.
+    old = cli.parse_args(
+        ["--data", "d", "--output-dir", "o", "--model-overrides", '{"C": 8}', "--max-steps", "5"]
+        + ["--speeds", "1.0", "0.9", "--threads", "1", "--no-official", "--no-resume"]
+    )
+    assert (old.output_dir, old.model_overrides, old.max_steps, old.speeds) == ("o", {"C": 8}, 5, (1.0, 0.9))
+    assert (old.num_threads, old.save_official, old.resume) == (1, False, False)
+    err = capsys.readouterr().err
+    assert "--threads is deprecated, use --num_threads" in err and "--max-steps is deprecated" in err
+    for argv, message in (
+        (["--max_step", "5"], "did you mean --max_steps?"),
+        (["--crop_seconds", "1"], "crop_seconds needs two values"),
+        ([], "required"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.parse_args(["--data", "d", "--output_dir", "o", *argv] if argv else ["--data", "d"])
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err

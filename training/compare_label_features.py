@@ -13,31 +13,54 @@ the ids against the speakers, through the same code as ``prepare_labels.py --rep
 
 from __future__ import annotations
 
-import argparse
-import json
+import dataclasses
 import logging
 import os
 import shlex
 import sys
+from dataclasses import field
+from typing import Optional
+
+from delulu_hf.atomic import atomic_write_json, atomic_write_text
+from delulu_hf.cli import ArgumentParser, main_entry
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=os.path.join(REPO, "data", "demo_corpus"))
-    p.add_argument("--split", default="train")
-    p.add_argument("--teacher", default=os.path.join(REPO, "data", "demo_teacher"))
-    p.add_argument("--windows", default="0.25,0.5,1,2", help="window lengths in seconds ('' for none)")
-    p.add_argument("--no-mfcc", action="store_true", help="leave out the MFCC control")
-    p.add_argument("--k", type=int, default=100)
-    p.add_argument("--max-frames", type=int, default=60_000)
-    p.add_argument("--fit-hours", type=float, default=None)
-    p.add_argument("--n-init", type=int, default=3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--speaker-column", default="speaker_id")
-    p.add_argument("--output", required=True, help="folder for results.json, results.md and the plot")
-    return p.parse_args(argv)
+@dataclasses.dataclass(kw_only=True)
+class CompareLabelFeaturesArguments:
+    """Every option of ``compare_label_features.py``; each field is a ``--field_name`` flag."""
+
+    data: str = os.path.join(REPO, "data", "demo_corpus")
+    split: str = "train"
+    teacher: str = os.path.join(REPO, "data", "demo_teacher")
+    windows: str = field(
+        default="0.25,0.5,1,2", metadata={"help": "window lengths in seconds, comma-separated ('' for none)"}
+    )
+    mfcc: bool = field(default=True, metadata={"help": "include the MFCC control (--no_mfcc: leave it out)"})
+    k: int = 100
+    max_frames: int = 60_000
+    fit_hours: Optional[float] = None
+    n_init: int = 3
+    seed: int = 0
+    speaker_column: str = "speaker_id"
+    output: str = field(metadata={"help": "folder for results.json, results.md and the plot"})
+
+    def __post_init__(self) -> None:
+        try:
+            self.window_list()
+        except ValueError:
+            raise ValueError(f"--windows {self.windows!r}: expected seconds separated by commas") from None
+
+    def window_list(self) -> list[float]:
+        return [float(w) for w in self.windows.split(",") if w.strip()]
+
+
+def parse_args(argv: list[str] | None = None) -> CompareLabelFeaturesArguments:
+    parser = ArgumentParser(
+        CompareLabelFeaturesArguments, prog="compare_label_features.py", description=__doc__
+    )
+    return parser.parse_one(argv)
 
 
 def markdown(results: dict, command: str) -> str:
@@ -89,13 +112,13 @@ def main(argv: list[str] | None = None) -> int:
     from delulu_hf.audio import load_audio_dataset
     from delulu_hf.configuration_delulu import DeluluConfig
 
-    windows = [float(w) for w in args.windows.split(",") if w.strip()]
+    windows = args.window_list()
     featurizers = {"redimnet backbone": labels.load_featurizer(args.teacher)}
     for seconds in windows:
         featurizers[f"redimnet window {seconds:g} s"] = labels.load_featurizer(
             args.teacher, output="window-embedding", window_seconds=seconds
         )
-    if not args.no_mfcc:
+    if args.mfcc:
         featurizers["mfcc"] = labels.load_featurizer("mfcc")
     # only the 16 ms frame geometry matters here: the model's defaults
     config = DeluluConfig(num_clusters=args.k, label_teacher_name=None, label_feature_dim=None)
@@ -118,15 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     os.makedirs(args.output, exist_ok=True)
     payload = {"command": command, "data": args.data, "split": args.split, "k": args.k, "features": results}
-    with open(os.path.join(args.output, "results.json"), "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=2, default=str)
+    atomic_write_json(os.path.join(args.output, "results.json"), payload, sort_keys=False)
     text = markdown(results, command)
-    with open(os.path.join(args.output, "results.md"), "w", encoding="utf-8") as handle:
-        handle.write(text)
+    atomic_write_text(os.path.join(args.output, "results.md"), text)
     plot(results, os.path.join(args.output, "label_features.png"))
     print(text)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main_entry(main)

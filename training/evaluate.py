@@ -1,4 +1,4 @@
-"""Evaluate a speech encoder on speaker tasks and write OUT/results.json, OUT/results.md and plots.
+r"""Evaluate a speech encoder on speaker tasks and write OUT/results.json, OUT/results.md and plots.
 
     python training/evaluate.py --model path/to/delulu --data data/demo_corpus \
         --mixtures data/demo_mixtures --tasks verification,identification,profiling,counting,diarization \
@@ -8,94 +8,157 @@
 ReDimNet teacher (folder or official .pt), or ``mfcc`` (a baseline that needs no model). ``--data``
 is an audiofolder whose ``metadata.csv`` has ``file_name, speaker_id`` (optional ``gender,
 language, split``). Trials come from ``--trials``, else ``DATA/trials.csv``, else are generated
-from the held-out speakers. The logic lives in ``delulu_hf.evaluation.tasks.run_evaluation``.
+from the held-out speakers. The logic lives in ``delulu_hf.evaluation.run_evaluation``.
+
+Paths are checked before any model is loaded and before OUT is created, so a typo costs nothing
+and leaves nothing behind (one line on stderr, exit code 2). The hyphenated flags of earlier
+versions (``--batch-seconds``, ``--no-progress``, ...) still work, with a deprecation warning.
 """
 
-from __future__ import annotations
-
-import argparse
+# No ``from __future__ import annotations``: the options dataclass must build when this file is
+# loaded by path (importlib.util.spec_from_file_location) without being put in ``sys.modules``.
 import logging
+import os
 import shlex
 import sys
+from dataclasses import dataclass, field
+from typing import Optional
 
-from delulu_hf.evaluation.tasks import TASKS, run_evaluation
+from delulu_hf.cli import ArgumentParser, UserError, main_entry, require_path
+from delulu_hf.evaluation import TASKS, run_evaluation
+from delulu_hf.evaluation.encoders import model_spec_problem
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--model", required=True, help="DELULU folder/Hub id, transformers encoder, ReDimNet, or 'mfcc'"
-    )
-    p.add_argument("--data", required=True, help="audiofolder with metadata.csv (file_name, speaker_id, ...)")
-    p.add_argument("--output", required=True, help="folder for results.json, results.md and plots")
-    p.add_argument(
-        "--tasks",
+@dataclass
+class EvaluateOptions:
+    """Options of ``training/evaluate.py`` (one field per flag)."""
+
+    model: str = field(metadata={"help": "DELULU folder/Hub id, transformers encoder, ReDimNet, or 'mfcc'"})
+    data: str = field(metadata={"help": "audiofolder with metadata.csv (file_name, speaker_id, ...)"})
+    output: str = field(metadata={"help": "folder for results.json, results.md and plots"})
+    tasks: str = field(
         default="verification,identification,profiling",
-        help=f"comma-separated subset of {','.join(TASKS)}, or 'all'",
+        metadata={"help": f"comma-separated subset of {','.join(TASKS)}, or 'all'"},
     )
-    p.add_argument(
-        "--trials", default=None, help="trials CSV (enroll_file,test_file,target); default DATA/trials.csv"
+    trials: Optional[str] = field(
+        default=None, metadata={"help": "trials CSV (enroll_file,test_file,target); default DATA/trials.csv"}
     )
-    p.add_argument(
-        "--mixtures", default=None, help="mixtures folder (metadata.csv with num_speakers, rttm_file)"
+    mixtures: Optional[str] = field(
+        default=None, metadata={"help": "mixtures folder (metadata.csv with num_speakers, rttm_file)"}
     )
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--batch-seconds", type=float, default=60.0, help="padded audio per extraction batch (s)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cache-dir", default=None, help="feature cache (default OUTPUT/cache)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow Hub models with custom code")
-    p.add_argument(
-        "--nontarget-ratio", type=float, default=1.0, help="non-target/target ratio of generated trials"
+    device: Optional[str] = field(
+        default=None, metadata={"help": "torch device (default: cuda if available, else cpu)"}
     )
-    p.add_argument("--downstream-epochs", type=int, default=10)
-    p.add_argument("--downstream-batch-size", type=int, default=32)
-    p.add_argument("--downstream-crop-seconds", type=float, default=3.0)
-    p.add_argument("--downstream-lr", type=float, default=1e-3)
-    p.add_argument("--window-seconds", type=float, default=1.5, help="diarization window")
-    p.add_argument("--window-hop-seconds", type=float, default=0.75, help="diarization window hop")
-    p.add_argument("--mixtures-per-count", type=int, default=12, help="generated mixtures per speaker count")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    return p.parse_args(argv)
+    batch_seconds: float = field(default=60.0, metadata={"help": "padded audio per extraction batch (s)"})
+    seed: int = field(default=0, metadata={"help": "seed of the speaker split, trials, probes and mixtures"})
+    cache_dir: Optional[str] = field(default=None, metadata={"help": "feature cache (default OUTPUT/cache)"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "allow Hub models with custom code"})
+    nontarget_ratio: float = field(
+        default=1.0, metadata={"help": "non-target/target ratio of generated trials"}
+    )
+    downstream_epochs: int = field(default=10, metadata={"help": "epochs of the x-vector head"})
+    downstream_batch_size: int = field(default=32, metadata={"help": "batch size of the x-vector head"})
+    downstream_crop_seconds: float = field(
+        default=3.0, metadata={"help": "training crop of the x-vector head (s)"}
+    )
+    downstream_lr: float = field(default=1e-3, metadata={"help": "learning rate of the x-vector head"})
+    window_seconds: float = field(default=1.5, metadata={"help": "diarization window (s)"})
+    window_hop_seconds: float = field(default=0.75, metadata={"help": "diarization window hop (s)"})
+    mixtures_per_count: int = field(default=12, metadata={"help": "generated mixtures per speaker count"})
+    no_progress: bool = field(default=False, metadata={"help": "hide progress bars"})
+
+    def __post_init__(self) -> None:
+        tasks = self.task_list()
+        unknown = [t for t in tasks if t not in TASKS]
+        if unknown or not tasks:
+            raise ValueError(
+                f"--tasks: unknown task(s) {unknown or [self.tasks]}; choose from {','.join(TASKS)}"
+            )
+        if self.batch_seconds <= 0:
+            raise ValueError(f"--batch_seconds must be positive, got {self.batch_seconds}")
+
+    def task_list(self) -> list[str]:
+        if self.tasks.strip() == "all":
+            return list(TASKS)
+        return [t.strip() for t in self.tasks.split(",") if t.strip()]
+
+
+def _looks_local(model: str) -> bool:
+    """True when ``--model`` names a file or folder rather than ``mfcc`` or a Hub id.
+
+    A Hub id is ``name`` or ``owner/name``; anything that exists, starts like a path (``/``, ``.``),
+    is not a valid repo id (e.g. has more than one ``/``) or ends in ``.pt`` is a path. A missing
+    ``owner/name`` folder cannot be told from a Hub id; loading it reports the error.
+    """
+    if model.lower() == "mfcc":
+        return False
+    if os.path.exists(model) or model.startswith(("/", ".")) or model.endswith(".pt"):
+        return True
+    if os.sep != "/" and os.sep in model:
+        return True
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(model)
+    except HFValidationError:
+        return True
+    return False
+
+
+def check_paths(options: EvaluateOptions) -> None:
+    """Raise a ``UserError`` for a path that does not exist or a ``--model`` folder that is not a
+    model (before any model is loaded or folder created)."""
+    require_path(options.data, "--data", "dir")
+    require_path(options.trials, "--trials", "file")
+    require_path(options.mixtures, "--mixtures", "dir")
+    if _looks_local(options.model):
+        require_path(options.model, "--model", "any")
+        problem = model_spec_problem(options.model, options.trust_remote_code)
+        if problem is not None:
+            raise UserError(f"--model {options.model}: {problem}")
+    if os.path.isfile(options.output):
+        raise UserError(f"--output {options.output}: is a file, expected a folder")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    parser = ArgumentParser(EvaluateOptions, prog="evaluate.py", description=__doc__)
+    options: EvaluateOptions = parser.parse_one(argv)
+    check_paths(options)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    tasks = list(TASKS) if args.tasks == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]
-    device = args.device
+    device = options.device
     if device is None:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     results = run_evaluation(
-        model=args.model,
-        data=args.data,
-        output=args.output,
-        tasks=tasks,
-        trials=args.trials,
-        mixtures=args.mixtures,
+        model=options.model,
+        data=options.data,
+        output=options.output,
+        tasks=options.task_list(),
+        trials=options.trials,
+        mixtures=options.mixtures,
         device=device,
-        batch_seconds=args.batch_seconds,
-        seed=args.seed,
-        cache_dir=args.cache_dir,
-        trust_remote_code=args.trust_remote_code,
-        nontarget_ratio=args.nontarget_ratio,
-        downstream_epochs=args.downstream_epochs,
-        downstream_batch_size=args.downstream_batch_size,
-        downstream_crop_seconds=args.downstream_crop_seconds,
-        downstream_lr=args.downstream_lr,
-        window_seconds=args.window_seconds,
-        window_hop_seconds=args.window_hop_seconds,
-        mixtures_per_count=args.mixtures_per_count,
+        batch_seconds=options.batch_seconds,
+        seed=options.seed,
+        cache_dir=options.cache_dir,
+        trust_remote_code=options.trust_remote_code,
+        nontarget_ratio=options.nontarget_ratio,
+        downstream_epochs=options.downstream_epochs,
+        downstream_batch_size=options.downstream_batch_size,
+        downstream_crop_seconds=options.downstream_crop_seconds,
+        downstream_lr=options.downstream_lr,
+        window_seconds=options.window_seconds,
+        window_hop_seconds=options.window_hop_seconds,
+        mixtures_per_count=options.mixtures_per_count,
         command=shlex.join(["python", *sys.argv]) if argv is None else shlex.join(["evaluate.py", *argv]),
-        progress=not args.no_progress,
+        progress=not options.no_progress,
     )
     failed = {name: entry["error"] for name, entry in results["tasks"].items() if "error" in entry}
-    print(f"results: {args.output}/results.json, {args.output}/results.md")
+    print(f"results: {options.output}/results.json, {options.output}/results.md")
     for name, error in failed.items():
         print(f"task {name} failed: {error}", file=sys.stderr)
     return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main_entry(main)

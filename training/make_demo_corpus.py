@@ -25,13 +25,13 @@ moved into place at the end, so readers never see a half-written corpus.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
 import shutil
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +42,8 @@ from delulu_hf import augment
 from delulu_hf import demo_corpus as dc
 from delulu_hf.atomic import atomic_write, atomic_write_text, replace_dir
 from delulu_hf.audio import load_audio
+from delulu_hf.cli import ArgumentParser, main_entry
+from delulu_hf.errors import UserError
 from delulu_hf.segments import write_rttm
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,35 +60,42 @@ MIXTURE_COLUMNS = [
 NOISE_COLUMNS = ["file_name", "kind", "split", "num_talkers", "source_speakers", "duration"]
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", type=Path, default=REPO / "data", help="parent of the three output folders")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--voices", nargs="+", default=None, help="subset of voice ids (default: all 58)")
-    p.add_argument("--utterances-per-voice", type=int, default=12)
-    p.add_argument(
-        "--english-fraction", type=float, default=0.5, help="share of English for bilingual voices"
+@dataclass
+class CorpusArguments:
+    data_dir: Path = field(default=REPO / "data", metadata={"help": "parent of the three output folders"})
+    seed: int = field(default=0, metadata={"help": "everything generated is a function of this seed"})
+    voices: list[str] | None = field(
+        default=None, metadata={"help": "subset of voice ids, e.g. --voices us2 hb1 (none: all 58)"}
     )
-    p.add_argument(
-        "--pseudo-per-voice",
-        type=int,
+    utterances_per_voice: int = field(default=12, metadata={"help": "utterances rendered per voice"})
+    english_fraction: float = field(default=0.5, metadata={"help": "share of English for bilingual voices"})
+    pseudo_per_voice: int = field(
         default=1,
-        help="formant-shifted pseudo-speakers per TRAIN voice (0-2; training only, marked pseudo_speaker)",
+        metadata={
+            "help": "formant-shifted pseudo-speakers per TRAIN voice (0-2; training only, marked pseudo_speaker)"
+        },
     )
-    p.add_argument("--pseudo-utterances", type=int, default=4)
-    p.add_argument("--no-channel", action="store_true", help="skip the per-utterance random channel")
-    p.add_argument("--num-mixtures", type=int, default=36, help="0 to skip data/demo_mixtures")
-    p.add_argument("--noise-seconds", type=float, default=15.0, help="0 to skip data/demo_noise")
-    p.add_argument("--processes", type=int, default=2)
-    p.add_argument("--mbrola-dir", default=dc.MBROLA_DIR)
-    p.add_argument("--sentences", type=Path, default=SENTENCES)
-    p.add_argument(
-        "--measure-distinctness",
-        action="store_true",
-        help="report MFCC-mean+std cosine EER on the test trials with and without the channel",
+    pseudo_utterances: int = field(default=4, metadata={"help": "utterances per pseudo-speaker"})
+    no_channel: bool = field(default=False, metadata={"help": "skip the per-utterance random channel"})
+    num_mixtures: int = field(default=36, metadata={"help": "0 to skip data/demo_mixtures"})
+    noise_seconds: float = field(default=15.0, metadata={"help": "0 to skip data/demo_noise"})
+    processes: int = field(default=2, metadata={"help": "synthesis worker processes"})
+    mbrola_dir: str = field(default=dc.MBROLA_DIR, metadata={"help": "folder of the MBROLA voice databases"})
+    sentences: Path = field(default=SENTENCES, metadata={"help": "JSON sentence lists, one per language"})
+    measure_distinctness: bool = field(
+        default=False,
+        metadata={"help": "report MFCC-mean+std cosine EER on the test trials with and without the channel"},
     )
-    p.add_argument("--no-card", action="store_true", help="do not write data/demo_corpus/README.md")
-    return p.parse_args(argv)
+    no_card: bool = field(default=False, metadata={"help": "do not write data/demo_corpus/README.md"})
+
+    def __post_init__(self) -> None:
+        unknown = [v for v in self.voices or [] if v not in dc.VOICES_BY_ID]
+        if unknown:
+            raise ValueError(f"unknown voices: {' '.join(unknown)} (choose from {' '.join(dc.VOICES_BY_ID)})")
+
+
+def parse_args(argv: list[str] | None = None) -> CorpusArguments:
+    return ArgumentParser(CorpusArguments, prog="make_demo_corpus.py", description=__doc__).parse_one(argv)
 
 
 def write_flac(path: Path, audio: np.ndarray) -> None:
@@ -278,7 +287,7 @@ def write_card(path: Path, rows, trials, mixtures, noise, renames, stats: dict) 
         f"{100 * eer.get('closed_set_id_accuracy', float('nan')):.1f}% accuracy "
         f"(chance {100 / max(eer.get('closed_set_speakers', 1), 1):.1f}%)."
         if eer
-        else "Not measured in this run (use `--measure-distinctness`)."
+        else "Not measured in this run (use `--measure_distinctness`)."
     )
     lines += [
         "# delulu-hf demo corpus (MBROLA voices)",
@@ -406,23 +415,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     missing = dc.missing_tools()
     if missing:
-        print(
+        raise UserError(
             f"missing programs: {', '.join(missing)}; install the Debian packages "
-            f"{' '.join(dc.DEBIAN_PACKAGES)} and the mbrola-XX voices (see --help)",
-            file=sys.stderr,
+            f"{' '.join(dc.DEBIAN_PACKAGES)} and the mbrola-XX voices (see --help)"
         )
-        return 2
-    unknown = [v for v in args.voices or [] if v not in dc.VOICES_BY_ID]
-    if unknown:
-        print(
-            f"unknown voices: {' '.join(unknown)} (choose from {' '.join(dc.VOICES_BY_ID)})", file=sys.stderr
-        )
-        return 2
     wanted = args.voices or [v.voice for v in dc.VOICES]
     absent = [v for v in wanted if not os.path.exists(dc.database_path(v, args.mbrola_dir))]
     if absent:
-        print(f"missing MBROLA voices: {' '.join(absent)} (apt-get install mbrola-<voice>)", file=sys.stderr)
-        return 2
+        raise UserError(f"missing MBROLA voices: {' '.join(absent)} (apt-get install mbrola-<voice>)")
     sentences = json.loads(args.sentences.read_text(encoding="utf-8"))
     start = time.time()
 
@@ -493,4 +493,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main_entry(main)

@@ -5,76 +5,90 @@ feature extractor, model card generated from ``results.json``, plots, k-means ce
 their provenance), loads it in a fresh process where ``delulu_hf`` is unimportable and checks
 its outputs equal the source model's, then creates the repo and uploads the folder.
 
-    python training/push_to_hub.py --checkpoint runs/demo/final --repo-id ORG/NAME \
-        --results runs/eval/results.json [--private] [--dry-run] [--output-dir DIR]
+    python training/push_to_hub.py --checkpoint runs/demo/final --repo_id ORG/NAME \
+        --results runs/eval/results.json [--private] [--dry_run] [--output_dir DIR]
 
-The token comes from ``HF_TOKEN`` or ``huggingface-cli login``. ``--dry-run`` does everything but
+The token comes from ``HF_TOKEN`` or ``huggingface-cli login``. ``--dry_run`` does everything but
 the network calls and prints the file list.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # model_card/ lives beside the package, not inside the wheel
 
+from delulu_hf.cli import ArgumentParser, UserError, main_entry, require_path  # noqa: E402
 from delulu_hf.hub import (  # noqa: E402
     build_repo_folder,
-    find_centroids,
     load_checkpoint_model,
     load_results,
     upload_repo_folder,
     verify_repo_folder,
 )
-from model_card.generate import build_model_card, load_training_config  # noqa: E402
+from model_card.generate import card_for_checkpoint  # noqa: E402
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--checkpoint", required=True, help="a DELULU save_pretrained folder (e.g. OUTPUT/final)"
+@dataclass
+class PushArguments:
+    checkpoint: str = field(metadata={"help": "a DELULU save_pretrained folder (e.g. OUTPUT/final)"})
+    repo_id: str = field(metadata={"help": "ORG/NAME on the Hub"})
+    results: str | None = field(
+        default=None, metadata={"help": "results.json written by training/evaluate.py"}
     )
-    parser.add_argument("--repo-id", required=True, help="ORG/NAME on the Hub")
-    parser.add_argument("--results", help="results.json written by training/evaluate.py")
-    parser.add_argument("--private", action="store_true")
-    parser.add_argument(
-        "--dry-run", action="store_true", help="build and verify, print the files, upload nothing"
+    private: bool = field(default=False, metadata={"help": "create the Hub repository as private"})
+    dry_run: bool = field(
+        default=False, metadata={"help": "build and verify, print the files, upload nothing"}
     )
-    parser.add_argument("--output-dir", help="where to build the repository folder (default: a temp dir)")
-    parser.add_argument("--license", default="apache-2.0")
-    parser.add_argument("--dataset", action="append", help="Hub dataset id(s) the model was trained on")
-    parser.add_argument("--token", help="Hub token (default: HF_TOKEN / huggingface-cli login)")
-    return parser.parse_args(argv)
+    output_dir: str | None = field(
+        default=None, metadata={"help": "where to build the repository folder (none: a new temporary folder)"}
+    )
+    license: str = field(default="apache-2.0", metadata={"help": "license of the model card"})
+    dataset: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Hub dataset id(s) the model was trained on: --dataset A B, or repeated --dataset A --dataset B",
+            "action": "extend",
+        },
+    )
+    token: str | None = field(
+        default=None, metadata={"help": "Hub token (none: HF_TOKEN or the huggingface-cli login)"}
+    )
+
+    def __post_init__(self) -> None:
+        if "/" not in self.repo_id:
+            raise ValueError(f"--repo_id must be ORG/NAME, got {self.repo_id!r}")
+
+
+def parse_args(argv: list[str] | None = None) -> PushArguments:
+    parser = ArgumentParser(PushArguments, prog="push_to_hub.py", description=__doc__.split("\n\n")[0])
+    return parser.parse_one(argv)
 
 
 def main(argv: list[str] | None = None, api=None) -> int:
     args = parse_args(argv)
-    if "/" not in args.repo_id:
-        raise SystemExit(f"--repo-id must be ORG/NAME, got {args.repo_id!r}")
+    # Validate everything that can be wrong (paths, the results file, the checkpoint's config.json,
+    # its label provenance against that config) before any model is loaded or folder is built.
+    require_path(args.checkpoint, "--checkpoint", "dir")
+    require_path(args.results, "--results", "file")
+    if args.output_dir and Path(args.output_dir).is_file():
+        raise UserError(f"--output_dir {args.output_dir}: is a file, expected a folder")
     checkpoint = Path(args.checkpoint)
-    # Validate everything that can be wrong before building anything.
     results = load_results(args.results) if args.results else None
-    source = load_checkpoint_model(checkpoint)
-    config = json.loads((checkpoint / "config.json").read_text())
-    centroids = find_centroids(checkpoint)
-    provenance = json.loads(centroids[1].read_text()) if centroids else None
     plots = sorted(Path(args.results).parent.glob("*.png")) if args.results else []
-
-    card = build_model_card(
+    card = card_for_checkpoint(
+        checkpoint,
         args.repo_id,
-        config,
         results=results,
-        training_config=load_training_config(checkpoint),
-        provenance=provenance,
         plots=[f"plots/{p.name}" for p in plots],
         license=args.license,
         datasets=args.dataset,
     )
+    source = load_checkpoint_model(checkpoint)
     output_dir = (
         Path(args.output_dir) if args.output_dir else Path(tempfile.mkdtemp(prefix="delulu-hub-")) / "repo"
     )
@@ -97,4 +111,4 @@ def main(argv: list[str] | None = None, api=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main_entry(main)

@@ -1,22 +1,11 @@
-"""Feature extraction for the evaluation tasks: once per model and audio set, batched, cached.
+"""Audio items and an ``Encoder`` in, a cached ``FeatureSet`` (pooled streams, optional frames) out.
 
 Every task reads the same kind of thing: for each audio item, one vector per *stream* (a layer of
 an encoder, or an utterance embedding), and for the downstream x-vector task the frame-level
-hidden states. ``extract_features`` runs an ``Encoder`` over the items once, batching items of
-similar length so little compute goes to padding, and stores the result in a safetensors file
-whose name is a hash of the model, the items and the settings; a second task or a second run
-reads it back instead of re-running the model.
-
-Encoders (``load_encoder``):
-
-* a DELULU folder / Hub id, or any transformers audio encoder whose forward takes
-  ``input_values`` (HuBERT, WavLM, wav2vec 2.0, ...): streams ``layer_0`` (the input embeddings)
-  to ``layer_L`` (the last layer), from ``output_hidden_states=True``;
-* a ReDimNet teacher (a ``save_pretrained`` folder or an official ``.pt`` checkpoint): streams
-  ``frames`` (the pre-pooling frame features the DELULU labels come from) and ``embedding``
-  (the teacher's own speaker embedding);
-* ``mfcc``: a baseline that needs no model; streams ``mfcc`` (30 MFCCs per 10 ms frame) and
-  ``mfcc_mean_std`` (utterance mean and standard deviation).
+hidden states. ``extract_features`` runs an ``Encoder`` (``delulu_hf.evaluation.encoders``) over
+the items once, batching items of similar length so little compute goes to padding, and stores
+the result in a safetensors file whose name is a hash of the model, the items and the settings;
+a second task or a second run reads it back instead of re-running the model.
 
 Frame-level streams are pooled by the time-mean over valid frames (the zero-shot protocol of the
 DELULU card); utterance-level streams are stored as they come.
@@ -27,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import time
 from collections import OrderedDict
@@ -40,24 +28,22 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from delulu_hf.atomic import atomic_save_safetensors
 from delulu_hf.audio import load_audio
+from delulu_hf.errors import UserError
+from delulu_hf.evaluation.encoders import SAMPLE_RATE, Encoder
 
 logger = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16000
 CACHE_FORMAT = 1  # bump when the stored layout changes, so old caches are not misread
 
 __all__ = [
+    "SAMPLE_RATE",
     "AudioItem",
-    "Encoder",
-    "EncoderOutput",
     "FeatureSet",
-    "MfccEncoder",
-    "TeacherEncoder",
-    "TransformersEncoder",
     "extract_features",
+    "l2_normalize",
     "length_batches",
-    "load_encoder",
 ]
 
 
@@ -97,10 +83,10 @@ class AudioItem:
         try:
             info = sf.info(path)
         except Exception as err:
-            raise ValueError(f"cannot read audio item {key!r} ({path}): {err}") from err
+            raise UserError(f"cannot read audio item {key!r} ({path}): {err}") from err
         num_samples = int(round(info.frames * SAMPLE_RATE / info.samplerate))
         if num_samples <= 0:
-            raise ValueError(f"audio item {key!r} ({path}) is empty")
+            raise UserError(f"audio item {key!r} ({path}) is empty")
         return cls(key=key, path=path, num_samples=num_samples)
 
 
@@ -151,273 +137,6 @@ def length_batches(num_samples: Sequence[int], batch_seconds: float, max_items: 
 
 
 # --------------------------------------------------------------------------------------------------
-# Encoders
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class EncoderOutput:
-    """What an encoder returns for one batch.
-
-    ``frames[name]`` is ``(batch_size, num_frames, dim)`` with ``frame_lengths[i]`` valid frames for
-    item i; ``embeddings[name]`` is ``(batch_size, dim)``.
-    """
-
-    frames: dict[str, torch.Tensor]
-    frame_lengths: torch.Tensor
-    embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-class Encoder:
-    """Base class: turns a padded batch of 16 kHz waveforms into named streams.
-
-    Subclasses set ``name`` (for results), ``kind``, ``frame_streams`` / ``embedding_streams``
-    (the order is the order of ``per_layer`` results), ``primary`` (the stream reported as "the
-    last layer"), ``frame_hop_seconds`` and ``min_samples``, and implement ``encode``.
-    """
-
-    name: str
-    kind: str
-    frame_streams: list[str]
-    embedding_streams: list[str] = []
-    primary: str
-    frame_hop_seconds: float
-    min_samples: int = 400
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def streams(self) -> list[str]:
-        return list(self.frame_streams) + list(self.embedding_streams)
-
-    def fingerprint(self) -> dict[str, Any]:
-        """What identifies this encoder's outputs in the cache key (weights, settings)."""
-        raise NotImplementedError
-
-    def encode(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> EncoderOutput:
-        """Encode ``(batch_size, num_samples)`` right-padded audio with ``lengths`` valid samples each."""
-        raise NotImplementedError
-
-
-def _files_fingerprint(folder: str | Path) -> list[tuple[str, int, int]]:
-    """Name, size and modification time of the files in a model folder: changes when weights change."""
-    folder = Path(folder)
-    return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file())
-
-
-class MfccEncoder(Encoder):
-    """MFCC baseline: no model, no training; the floor every learned encoder should clear."""
-
-    kind = "mfcc"
-
-    def __init__(self, n_mfcc: int = 30, n_mels: int = 40, device: str | torch.device = "cpu") -> None:
-        import torchaudio
-
-        self.name = "mfcc"
-        self.n_mfcc = n_mfcc
-        self.n_mels = n_mels
-        self.hop_length = 160
-        self.device = torch.device(device)
-        self.transform = torchaudio.transforms.MFCC(
-            sample_rate=SAMPLE_RATE,
-            n_mfcc=n_mfcc,
-            melkwargs={"n_fft": 512, "win_length": 400, "hop_length": self.hop_length, "n_mels": n_mels},
-        ).to(self.device)
-        self.frame_streams = ["mfcc"]
-        self.embedding_streams = ["mfcc_mean_std"]
-        self.primary = "mfcc_mean_std"
-        self.frame_hop_seconds = self.hop_length / SAMPLE_RATE
-
-    def fingerprint(self) -> dict[str, Any]:
-        return {"kind": self.kind, "n_mfcc": self.n_mfcc, "n_mels": self.n_mels, "hop": self.hop_length}
-
-    def encode(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> EncoderOutput:
-        # One item at a time: the centred STFT reflects each item's own edges, so the result does not
-        # depend on which other items share the batch (padding would change the last frames).
-        per_item = [self.transform(w[:n].to(self.device)).T for w, n in zip(waveforms, lengths.tolist())]
-        frame_lengths = torch.tensor([len(m) for m in per_item], device=self.device)
-        mfcc = torch.nn.utils.rnn.pad_sequence(per_item, batch_first=True)  # (B, T, n_mfcc)
-        mean = torch.stack([m.mean(0) for m in per_item])
-        std = torch.stack([m.std(0) if len(m) > 1 else torch.zeros_like(m[0]) for m in per_item])
-        return EncoderOutput(
-            frames={"mfcc": mfcc},
-            frame_lengths=frame_lengths,
-            embeddings={"mfcc_mean_std": torch.cat([mean, std], dim=-1)},
-        )
-
-
-def _default_feature_extractor(config):
-    """DELULU's input convention when a folder ships no ``preprocessor_config.json``; else None (raw audio)."""
-    if getattr(config, "model_type", None) == "delulu":
-        from delulu_hf import default_feature_extractor
-
-        return default_feature_extractor(config)
-    return None
-
-
-class TransformersEncoder(Encoder):
-    """Any transformers speech encoder that takes ``input_values``: every hidden state is a stream.
-
-    Inputs are prepared by the model's own feature extractor when it ships one
-    (``preprocessor_config.json``: normalisation, attention-mask convention), by DELULU's default
-    one for a DELULU folder without it, and otherwise raw waveforms are passed with an attention
-    mask.
-    """
-
-    kind = "transformers"
-
-    def __init__(
-        self, model_id: str, device: str | torch.device = "cpu", trust_remote_code: bool = False, dtype=None
-    ) -> None:
-        # DELULU is registered with the Auto classes by delulu_hf/__init__.py, already imported here.
-        from transformers import AutoFeatureExtractor, AutoModel
-
-        self.device = torch.device(device)
-        model = AutoModel.from_pretrained(model_id, trust_remote_code=trust_remote_code, dtype=dtype)
-        try:
-            feature_extractor = AutoFeatureExtractor.from_pretrained(
-                model_id, trust_remote_code=trust_remote_code
-            )
-        except (OSError, ValueError):
-            feature_extractor = None
-        self._setup(model.to(self.device), feature_extractor, model_id)
-        self._in_memory = False
-
-    @classmethod
-    def from_model(cls, model, feature_extractor=None, name: str = "model") -> TransformersEncoder:
-        """Wrap an in-memory model (tests, notebooks) without saving it first; its weights are hashed
-        for the cache key."""
-        self = cls.__new__(cls)
-        self.device = next(model.parameters()).device
-        self._setup(model, feature_extractor, name)
-        self._in_memory = True
-        return self
-
-    def _setup(self, model, feature_extractor, name: str) -> None:
-        from delulu_hf.modeling_delulu import receptive_field
-
-        self.name = self.model_id = name
-        self.model = model.eval()
-        self.config = model.config
-        self.feature_extractor = feature_extractor or _default_feature_extractor(self.config)
-        self.frame_streams = [f"layer_{i}" for i in range(int(self.config.num_hidden_layers) + 1)]
-        self.embedding_streams = []
-        self.primary = self.frame_streams[-1]
-        if hasattr(self.config, "conv_stride") and hasattr(self.config, "conv_kernel"):
-            self.frame_hop_seconds = math.prod(self.config.conv_stride) / SAMPLE_RATE
-            self.min_samples = receptive_field(self.config)  # shorter input gives no frame at all
-        else:
-            raise ValueError(
-                f"{name}: {type(model).__name__} is not a convolutional speech encoder (no conv_stride/conv_kernel "
-                "in its config); supported: DELULU, HuBERT, WavLM, wav2vec 2.0, data2vec-audio, ..."
-            )
-
-    def fingerprint(self) -> dict[str, Any]:
-        fp: dict[str, Any] = {"kind": self.kind, "model": self.model_id, "config": self.config.to_diff_dict()}
-        if os.path.isdir(self.model_id):
-            fp["files"] = _files_fingerprint(self.model_id)
-        if getattr(self, "_in_memory", False):  # weights only live in memory: hash them
-            digest = hashlib.sha256()
-            for name, tensor in sorted(self.model.state_dict().items()):
-                digest.update(name.encode())
-                digest.update(tensor.detach().float().cpu().numpy().tobytes())
-            fp["weights_sha256"] = digest.hexdigest()
-        if self.feature_extractor is not None:
-            fp["feature_extractor"] = self.feature_extractor.to_dict()
-        return fp
-
-    def _inputs(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.feature_extractor is None:
-            mask = torch.arange(waveforms.shape[1])[None] < lengths[:, None]
-            return {"input_values": waveforms, "attention_mask": mask.long()}
-        arrays = [w[:n].numpy() for w, n in zip(waveforms, lengths.tolist())]
-        inputs = self.feature_extractor(arrays, sampling_rate=SAMPLE_RATE, padding=True, return_tensors="pt")
-        # Models trained without attention masks (group-norm wav2vec2/HuBERT Base) must not get one;
-        # their extractor says so with return_attention_mask=False.
-        return {k: v for k, v in inputs.items() if k in ("input_values", "attention_mask")}
-
-    def encode(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> EncoderOutput:
-        inputs = {k: v.to(self.device) for k, v in self._inputs(waveforms, lengths).items()}
-        inputs["input_values"] = inputs["input_values"].to(self.model.dtype)
-        out = self.model(**inputs, output_hidden_states=True, return_dict=True)
-        hidden = out.hidden_states
-        if hidden is None or len(hidden) != len(self.frame_streams):
-            raise RuntimeError(
-                f"{self.name}: expected {len(self.frame_streams)} hidden states with output_hidden_states=True, "
-                f"got {None if hidden is None else len(hidden)}"
-            )
-        if hasattr(self.model, "_get_feat_extract_output_lengths"):
-            frame_lengths = self.model._get_feat_extract_output_lengths(lengths.to(self.device))
-        else:
-            frame_lengths = torch.full((len(lengths),), hidden[-1].shape[1], device=self.device)
-        frame_lengths = torch.clamp(frame_lengths.long(), min=1, max=hidden[-1].shape[1])
-        return EncoderOutput(frames=dict(zip(self.frame_streams, hidden)), frame_lengths=frame_lengths)
-
-
-class TeacherEncoder(Encoder):
-    """A ReDimNet teacher (``delulu_hf.teacher.load_teacher``): its frame features and its embedding."""
-
-    kind = "teacher"
-
-    def __init__(self, spec: str, device: str | torch.device = "cpu") -> None:
-        from delulu_hf.teacher import load_teacher
-
-        self.name = str(spec)
-        self.spec = str(spec)
-        self.device = torch.device(device)
-        self.teacher = load_teacher(spec, device=self.device)
-        self.frame_streams = ["frames"]
-        self.embedding_streams = ["embedding"]
-        self.primary = "embedding"
-        self.frame_hop_seconds = float(self.teacher.frame_hop_seconds)
-        self.min_samples = 1024  # covers the centred STFT's reflection padding with room to spare
-
-    def fingerprint(self) -> dict[str, Any]:
-        fp: dict[str, Any] = {"kind": self.kind, "spec": self.spec}
-        if os.path.isdir(self.spec):
-            fp["files"] = _files_fingerprint(self.spec)
-        elif os.path.isfile(self.spec):
-            stat = os.stat(self.spec)
-            fp["file"] = [stat.st_size, stat.st_mtime_ns]
-        return fp
-
-    def encode(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> EncoderOutput:
-        waveforms, lengths = waveforms.to(self.device), lengths.to(self.device)
-        frames = self.teacher.frame_features(waveforms, lengths)
-        embedding = self.teacher(waveforms, lengths)
-        frame_lengths = torch.clamp(self.teacher.frame_lengths(lengths), max=frames.shape[1])
-        return EncoderOutput(
-            frames={"frames": frames}, frame_lengths=frame_lengths, embeddings={"embedding": embedding}
-        )
-
-
-def _is_teacher_folder(path: Path) -> bool:
-    config = path / "config.json"
-    if not config.is_file():
-        return False
-    with open(config, encoding="utf-8") as f:
-        return json.load(f).get("model_type") == "redimnet"
-
-
-def load_encoder(
-    model: str, device: str | torch.device = "cpu", trust_remote_code: bool = False, dtype=None
-) -> Encoder:
-    """Pick the encoder for a model spec.
-
-    ``"mfcc"`` is the baseline; a folder whose ``config.json`` says ``model_type: redimnet`` or a
-    ``.pt`` file is a ReDimNet teacher; anything else is passed to ``transformers.AutoModel``
-    (a local DELULU folder, a Hub id, ...). Nothing is downloaded unless ``model`` is a Hub id.
-    """
-    if model.lower() == "mfcc":
-        return MfccEncoder(device=device)
-    path = Path(model)
-    if (path.is_dir() and _is_teacher_folder(path)) or (path.is_file() and path.suffix == ".pt"):
-        return TeacherEncoder(model, device=device)
-    if path.is_file():
-        raise ValueError(f"model {model!r} is a file but not a ReDimNet .pt checkpoint")
-    return TransformersEncoder(model, device=device, trust_remote_code=trust_remote_code, dtype=dtype)
-
-
-# --------------------------------------------------------------------------------------------------
 # Extraction + cache
 # --------------------------------------------------------------------------------------------------
 
@@ -455,6 +174,11 @@ class FeatureSet:
         return self.frames[stream][self.offsets[row] : self.offsets[row + 1]]
 
 
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero), so a dot product is a cosine."""
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
 def _cache_key(
     encoder: Encoder, items: Sequence[AudioItem], with_frames: bool, max_frames: int | None
 ) -> str:
@@ -472,19 +196,6 @@ def _cache_key(
 def _stat(path: str) -> tuple[int, int]:
     st = os.stat(path)
     return st.st_size, st.st_mtime_ns
-
-
-def _save_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _load_cache(path: Path) -> FeatureSet:
@@ -568,7 +279,10 @@ def extract_features(
     frames: dict[str, list[np.ndarray]] = {s: [None] * len(items) for s in encoder.frame_streams}
     total_seconds = sum(lengths) / SAMPLE_RATE
     start = time.perf_counter()
-    bar = tqdm(total=round(total_seconds, 1), unit="audio-s", desc=description, disable=not progress)
+    # Whole seconds of audio: the bar's position is the rounded running total of samples, so it is
+    # an integer that never passes ``total`` (no float drift, no negative ETA).
+    bar = tqdm(total=round(total_seconds), unit="s", desc=f"{description} (audio)", disable=not progress)
+    done_samples = 0
     with torch.inference_mode():
         for batch in batches:
             longest = lengths[batch[0]]
@@ -597,7 +311,8 @@ def extract_features(
             for name, tensor in out.embeddings.items():
                 for j, i in enumerate(batch):
                     pooled[name][i] = tensor[j].float().cpu().numpy()
-            bar.update(round(float(batch_lengths.sum()) / SAMPLE_RATE, 1))
+            done_samples += int(batch_lengths.sum())
+            bar.update(round(done_samples / SAMPLE_RATE) - bar.n)
     bar.close()
     wall = time.perf_counter() - start
     stats = {
@@ -635,6 +350,7 @@ def extract_features(
             "encoder": encoder.name,
             "stats": stats,
         }
-        _save_atomic(cache_path, tensors, {"info": json.dumps(info)})
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
+        atomic_save_safetensors(tensors, cache_path, metadata={"info": json.dumps(info)})
         result.stats["cache_file"] = str(cache_path)
     return result

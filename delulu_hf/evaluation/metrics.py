@@ -1,4 +1,4 @@
-"""Speaker metrics: EER, normalised minDCF, diarization error rate, DET curves.
+"""Scores and labels (or speaker segments) in, speaker metrics out: EER, minDCF, DER, DET curves.
 
 These are the numbers every table of the project is built from, so each follows one published
 definition (see ``shared/docs/evaluation-protocols.md``) and is tested against hand-computed
@@ -9,7 +9,8 @@ cases and a brute-force reference:
 * minDCF: the NIST SRE detection cost, minimised over thresholds and *normalised* by the cost of
   the best trivial system, so 1.0 means "no better than always rejecting/accepting".
 * DER: (false alarm + missed + confusion) / scored reference speech, with the optimal one-to-one
-  speaker mapping (Hungarian algorithm) and pyannote's collar and overlap conventions.
+  speaker mapping (Hungarian algorithm), computed by ``pyannote.metrics`` (collar and overlap as
+  pyannote defines them). RTTM files are read and written by ``delulu_hf.segments``.
 """
 
 from __future__ import annotations
@@ -18,18 +19,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import roc_curve
 
-Segment = tuple[float, float, str]
+from delulu_hf.atomic import atomic_write
 
 __all__ = [
     "compute_eer",
     "compute_min_dcf",
     "diarization_error_rate",
     "plot_det_curves",
-    "read_rttm",
-    "write_rttm",
 ]
 
 
@@ -125,13 +123,16 @@ def compute_min_dcf(
 # Diarization
 # --------------------------------------------------------------------------------------------------
 
+Triple = tuple[float, float, str]
 
-def _check_segments(segments: Iterable, what: str) -> list[Segment]:
+
+def _check_segments(segments: Iterable, what: str) -> list[Triple]:
+    """``(start, end, speaker)`` triples from tuples, dicts or objects; empty segments dropped."""
     out = []
     for k, seg in enumerate(segments):
         if isinstance(seg, Mapping):
             start, end, speaker = seg["start"], seg["end"], seg["speaker"]
-        elif all(hasattr(seg, a) for a in ("start", "end", "speaker")):  # e.g. demo_corpus.Segment
+        elif all(hasattr(seg, a) for a in ("start", "end", "speaker")):  # e.g. delulu_hf.segments.Segment
             start, end, speaker = seg.start, seg.end, seg.speaker
         else:
             try:
@@ -146,69 +147,54 @@ def _check_segments(segments: Iterable, what: str) -> list[Segment]:
     return out
 
 
-def _active_speakers(segments: list[Segment], points: list[float]) -> list[frozenset[str]]:
-    """Speakers active in each interval ``[points[k], points[k+1])``, by one sweep over the segments.
+def _annotation(segments: list[Triple]):
+    """A ``pyannote.core.Annotation`` in which each speaker talks at most once at any instant.
 
-    ``points`` must be sorted and contain every segment boundary. A speaker listed twice over the
-    same time counts once (sets), as in pyannote.
+    pyannote counts a label twice where two of its tracks overlap; here a speaker listed twice over
+    the same time is one speaker (as a frame-level reference sees it). So each speaker's segments are
+    merged, and the merged speech is cut at every original boundary of that speaker: the collars
+    pyannote puts around reference boundaries stay exactly where the input has boundaries.
     """
-    events = sorted([(s, 1, spk) for s, _, spk in segments] + [(e, -1, spk) for _, e, spk in segments])
-    counts: dict[str, int] = {}
-    out, k = [], 0
-    for t in points[:-1]:
-        while k < len(events) and events[k][0] <= t:
-            _, step, spk = events[k]
-            counts[spk] = counts.get(spk, 0) + step
-            k += 1
-        out.append(frozenset(spk for spk, c in counts.items() if c > 0))
-    return out
+    from pyannote.core import Annotation
+    from pyannote.core import Segment as Span
 
-
-def _scored_regions(
-    reference: list[Segment], hypothesis: list[Segment], collar: float, skip_overlap: bool
-) -> list[tuple[float, float]]:
-    """Regions where errors count, as sorted disjoint intervals.
-
-    Like pyannote.metrics without an explicit UEM: the extent of reference and hypothesis together,
-    minus ``collar / 2`` on each side of every reference boundary, minus regions where two or more
-    reference speakers talk when ``skip_overlap``.
-    """
-    everything = reference + hypothesis
-    if not everything:
-        return []
-    extent = (min(s for s, _, _ in everything), max(e for _, e, _ in everything))
-    removed: list[tuple[float, float]] = []
-    if collar > 0:
-        for start, end, _ in reference:
-            for t in (start, end):
-                removed.append((t - collar / 2, t + collar / 2))
-    if skip_overlap:
-        points = sorted({t for s, e, _ in reference for t in (s, e)})
-        for (a, b), active in zip(zip(points[:-1], points[1:]), _active_speakers(reference, points)):
-            if len(active) >= 2:
-                removed.append((a, b))
-    regions = [extent]
-    for r0, r1 in removed:
-        nxt = []
-        for a, b in regions:
-            if r1 <= a or r0 >= b:
-                nxt.append((a, b))
-                continue
-            if a < r0:
-                nxt.append((a, r0))
-            if r1 < b:
-                nxt.append((r1, b))
-        regions = nxt
-    return sorted(regions)
+    by_speaker: dict[str, list[tuple[float, float]]] = {}
+    for start, end, speaker in segments:
+        by_speaker.setdefault(speaker, []).append((start, end))
+    annotation = Annotation()
+    track = 0
+    for speaker, spans in by_speaker.items():
+        cuts = sorted({t for span in spans for t in span})
+        merged: list[list[float]] = []
+        for start, end in sorted(spans):
+            if merged and start <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], end)
+            else:
+                merged.append([start, end])
+        for start, end in merged:
+            inside = [t for t in cuts if start <= t <= end]
+            for a, b in zip(inside[:-1], inside[1:]):
+                annotation[Span(a, b), track] = speaker
+                track += 1
+    return annotation
 
 
 def diarization_error_rate(
-    reference: Iterable[Segment],
-    hypothesis: Iterable[Segment],
+    reference: Iterable[Triple],
+    hypothesis: Iterable[Triple],
     collar: float = 0.0,
     skip_overlap: bool = False,
 ) -> dict[str, float]:
-    """Diarization error rate with the optimal speaker mapping, computed exactly on segment times.
+    """Diarization error rate with the optimal speaker mapping, by ``pyannote.metrics``.
+
+    ``pyannote.metrics.diarization.DiarizationErrorRate`` does the work (Hungarian mapping on the
+    scored regions, collars, overlap); this function adapts the inputs and the edge cases:
+
+    * scored region: an explicit UEM spanning reference and hypothesis together (what pyannote
+      approximates, with a warning, when given none; passing it keeps that behaviour and silences
+      the warning), minus the collars and, with ``skip_overlap``, the overlapped reference speech;
+    * a speaker listed twice over the same time counts once (see ``_annotation``);
+    * ``der`` is ``inf`` when there is no reference speech but some false alarm (pyannote says 1.0).
 
     Args:
         reference: ``(start, end, speaker)`` tuples (or dicts / objects with those keys), seconds.
@@ -228,76 +214,23 @@ def diarization_error_rate(
         raise ValueError(f"collar must be >= 0, got {collar}")
     ref = _check_segments(reference, "reference")
     hyp = _check_segments(hypothesis, "hypothesis")
-    regions = _scored_regions(ref, hyp, collar, skip_overlap)
 
-    # Elementary intervals: between consecutive boundaries nothing changes, so every interval has a
-    # fixed set of reference and hypothesis speakers.
-    points = {t for s, e, _ in ref + hyp for t in (s, e)}
-    points.update(t for a, b in regions for t in (a, b))
-    points = sorted(points)
-    ref_ids = {spk: k for k, spk in enumerate(sorted({spk for _, _, spk in ref}))}
-    hyp_ids = {spk: k for k, spk in enumerate(sorted({spk for _, _, spk in hyp}))}
+    from pyannote.core import Segment as Span
+    from pyannote.core import Timeline
+    from pyannote.metrics.diarization import DiarizationErrorRate
 
-    intervals = []  # (duration, ref speaker ids, hyp speaker ids)
-    region_idx = 0
-    active = zip(_active_speakers(ref, points), _active_speakers(hyp, points))
-    for (a, b), (r_names, h_names) in zip(zip(points[:-1], points[1:]), active):
-        mid = (a + b) / 2
-        while region_idx < len(regions) and regions[region_idx][1] <= mid:
-            region_idx += 1
-        if region_idx == len(regions) or not regions[region_idx][0] <= mid:
-            continue  # outside the scored regions
-        if r_names or h_names:
-            intervals.append((b - a, {ref_ids[x] for x in r_names}, {hyp_ids[x] for x in h_names}))
-
-    # Optimal mapping: maximise the total time a hypothesis speaker coincides with its reference
-    # speaker, over the scored regions only (as pyannote does after cropping to the UEM).
-    cooc = np.zeros((len(ref_ids), len(hyp_ids)))
-    for dur, r, h in intervals:
-        for i in r:
-            for j in h:
-                cooc[i, j] += dur
-    mapping: dict[int, int] = {}
-    if cooc.size:
-        rows, cols = linear_sum_assignment(cooc, maximize=True)
-        mapping = {int(j): int(i) for i, j in zip(rows, cols) if cooc[i, j] > 0}
-
-    total = missed = false_alarm = confusion = 0.0
-    for dur, r, h in intervals:
-        n_ref, n_hyp = len(r), len(h)
-        n_correct = sum(1 for j in h if mapping.get(j, -1) in r)
-        total += dur * n_ref
-        missed += dur * max(0, n_ref - n_hyp)
-        false_alarm += dur * max(0, n_hyp - n_ref)
-        confusion += dur * (min(n_ref, n_hyp) - n_correct)
+    everything = ref + hyp
+    extent = [Span(min(s for s, _, _ in everything), max(e for _, e, _ in everything))] if everything else []
+    metric = DiarizationErrorRate(collar=collar, skip_overlap=skip_overlap)
+    parts = metric(_annotation(ref), _annotation(hyp), uem=Timeline(extent), detailed=True)
+    false_alarm, missed = float(parts["false alarm"]), float(parts["missed detection"])
+    confusion, total = float(parts["confusion"]), float(parts["total"])
     errors = false_alarm + missed + confusion
     if total > 0:
         der = errors / total
     else:
         der = 0.0 if errors == 0 else float("inf")
     return {"der": der, "false_alarm": false_alarm, "missed": missed, "confusion": confusion, "total": total}
-
-
-def read_rttm(path: str | Path) -> dict[str, list[Segment]]:
-    """Read an RTTM file into ``{file_id: [(start, end, speaker), ...]}`` (SPEAKER lines only)."""
-    out: dict[str, list[Segment]] = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            fields = line.split()
-            if not fields or fields[0] != "SPEAKER":
-                continue
-            if len(fields) < 8:
-                raise ValueError(f"{path}:{n}: SPEAKER line needs at least 8 fields, got {line.strip()!r}")
-            start, dur = float(fields[3]), float(fields[4])
-            out.setdefault(fields[1], []).append((start, start + dur, fields[7]))
-    return out
-
-
-def write_rttm(path: str | Path, file_id: str, segments: Iterable[Segment]) -> None:
-    """Write segments as RTTM SPEAKER lines (the format md-eval, pyannote and dscore read)."""
-    with open(path, "w", encoding="utf-8") as f:
-        for start, end, speaker in sorted(segments):
-            f.write(f"SPEAKER {file_id} 1 {start:.3f} {end - start:.3f} <NA> <NA> {speaker} <NA> <NA>\n")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -321,19 +254,24 @@ def plot_det_curves(
     from sklearn.metrics import DetCurveDisplay
 
     fig, ax = plt.subplots(figsize=(5.5, 5.0))
-    for name, (scores, labels) in curves.items():
-        eer, _ = compute_eer(scores, labels)
-        DetCurveDisplay.from_predictions(
-            np.asarray(labels), np.asarray(scores), pos_label=1, name=f"{name} (EER {100 * eer:.2f}%)", ax=ax
-        )
-    ax.set_xlabel("False acceptance rate")
-    ax.set_ylabel("False rejection (miss) rate")
-    ax.grid(True, alpha=0.3)
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        for name, (scores, labels) in curves.items():
+            eer, _ = compute_eer(scores, labels)
+            DetCurveDisplay.from_predictions(
+                np.asarray(labels),
+                np.asarray(scores),
+                pos_label=1,
+                name=f"{name} (EER {100 * eer:.2f}%)",
+                ax=ax,
+            )
+        ax.set_xlabel("False acceptance rate")
+        ax.set_ylabel("False rejection (miss) rate")
+        ax.grid(True, alpha=0.3)
+        if title:
+            ax.set_title(title)
+        fig.tight_layout()
+        path = Path(path)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
     return path

@@ -466,7 +466,9 @@ class MelFrontend(nn.Module):
     def forward(
         self, waveforms: torch.Tensor, lengths: torch.Tensor | None, frame_mask: torch.Tensor | None
     ) -> torch.Tensor:
-        with torch.no_grad():
+        # Always float32, as the official front end forces (pre-emphasis 0.97 is 0.96875 in bf16, and the
+        # log-mel of a bf16 STFT is off by up to ~0.8): autocast is switched off here, whatever the caller.
+        with torch.no_grad(), torch.autocast(device_type=waveforms.device.type, enabled=False):
             x = waveforms.float()
             if self.norm_signal:
                 sample_mask = None
@@ -476,15 +478,16 @@ class MelFrontend(nn.Module):
             x = self.torchfbank[1](x)
             x = self.torchfbank[2](self._centre_pad(x, lengths))
             x = (x + 1e-6).log()
-        if self.spec_norm_type == "mn":
-            x = x - _masked_mean(x, frame_mask, keepdim=True)
-        elif self.spec_norm_type == "mvn":
-            mean, var = _masked_mean_std(x, frame_mask, unbiased=True)
-            x = (x - mean) / (var.sqrt() + 1e-8)
-        elif self.spec_norm_type == "bn":
-            x = self.spec_norm(x)
-        if self.training and self.do_spec_aug:
-            x = self._spec_augment(x)
+        with torch.autocast(device_type=waveforms.device.type, enabled=False):
+            if self.spec_norm_type == "mn":
+                x = x - _masked_mean(x, frame_mask, keepdim=True)
+            elif self.spec_norm_type == "mvn":
+                mean, var = _masked_mean_std(x, frame_mask, unbiased=True)
+                x = (x - mean) / (var.sqrt() + 1e-8)
+            elif self.spec_norm_type == "bn":
+                x = self.spec_norm(x)
+            if self.training and self.do_spec_aug:
+                x = self._spec_augment(x)
         return x
 
 
@@ -666,14 +669,24 @@ class ConvBlock2d(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
+ATTENTION_IMPLEMENTATIONS = ("auto", "sdpa", "eager")
+
+
 class SelfAttention(nn.Module):
-    """Multi-head self-attention over time; padded frames are never attended to."""
+    """Multi-head self-attention over time; padded frames are never attended to.
+
+    ``implementation``: ``"sdpa"`` (``F.scaled_dot_product_attention``: fused kernels that never
+    materialise the T x T score matrix on GPU), ``"eager"`` (plain matmuls, which beat SDPA on CPU
+    for these tiny 5-36-dim heads) or ``"auto"`` (SDPA on accelerators, eager on CPU). Both give the
+    same outputs (tested); set it for a whole model with ``ReDimNet.set_attention_implementation``.
+    """
 
     def __init__(self, embed_dim: int, num_heads: int) -> None:
         super().__init__()
         if embed_dim % num_heads:
             raise ValueError(f"attention width {embed_dim} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
+        self.implementation = "auto"
         self.k_proj = nn.Linear(embed_dim, embed_dim)
         self.v_proj = nn.Linear(embed_dim, embed_dim)
         self.q_proj = nn.Linear(embed_dim, embed_dim)
@@ -686,11 +699,15 @@ class SelfAttention(nn.Module):
             return t.view(batch, time, self.num_heads, width // self.num_heads).transpose(1, 2)
 
         q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
-        # Plain matmuls: with these tiny heads (5-36 dims) they beat scaled_dot_product_attention on CPU.
-        scores = torch.matmul(q, k.transpose(-1, -2)) * (width // self.num_heads) ** -0.5
-        if mask is not None:
-            scores = scores.masked_fill(~mask.bool()[:, None, None, :], float("-inf"))
-        out = torch.matmul(torch.softmax(scores, dim=-1), v)
+        keep = None if mask is None else mask.bool()[:, None, None, :]  # (batch, 1, 1, time): True = attend
+        sdpa = self.implementation == "sdpa" or (self.implementation == "auto" and x.device.type != "cpu")
+        if sdpa:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+        else:
+            scores = torch.matmul(q, k.transpose(-1, -2)) * (width // self.num_heads) ** -0.5
+            if keep is not None:
+                scores = scores.masked_fill(~keep, float("-inf"))
+            out = torch.matmul(torch.softmax(scores, dim=-1), v)
         return self.out_proj(out.transpose(1, 2).reshape(batch, time, width))
 
 
@@ -1081,6 +1098,16 @@ class ReDimNet(SpeakerTeacher):
                 parts.append(f"shape mismatches: {show(shapes)}")
             raise CheckpointMismatchError(f"{source} does not match {self.name}: " + "; ".join(parts))
         self.load_state_dict(state_dict, strict=True)
+
+    def set_attention_implementation(self, implementation: str) -> None:
+        """``"auto"`` (default: SDPA on accelerators, plain matmuls on CPU), ``"sdpa"`` or ``"eager"``."""
+        if implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(
+                f"implementation must be one of {ATTENTION_IMPLEMENTATIONS}, got {implementation!r}"
+            )
+        for module in self.modules():
+            if isinstance(module, SelfAttention):
+                module.implementation = implementation
 
     def official_checkpoint(self) -> dict[str, Any]:
         """The official ``{"model_config", "state_dict"}`` layout (what ``torch.hub`` loaders expect)."""

@@ -277,39 +277,63 @@ def evaluate_trials(
 
 @dataclass
 class TeacherTrainingConfig:
-    """Everything a run needs; ``training/train_teacher.py`` exposes each field as a flag."""
+    """Everything a run needs; ``training/train_teacher.py`` exposes each field as a flag (the help
+    texts below are what ``--help`` shows)."""
 
-    data: str
-    output_dir: str
-    preset: str = "b0"
-    model_overrides: dict[str, Any] = field(default_factory=dict)
-    train_split: str = "train"
-    speaker_column: str = "speaker_id"
-    eval_split: str | None = "test"
-    trials: str | None = None
-    noise_dir: str | None = None
-    checkpoint_dir: str | None = None  # default: <output_dir>/checkpoints
-    max_steps: int = 300
-    batch_size: int = 32
-    learning_rate: float = 2e-3
-    weight_decay: float = 1e-4
-    warmup_steps: int = 30
-    margin: float = 0.2
-    scale: float = 30.0
-    margin_warmup_fraction: float = 0.3
-    crop_seconds: tuple[float, float] = (2.0, 3.0)
-    speeds: tuple[float, ...] = (1.0,)
-    noise_prob: float = 0.6
-    grad_clip: float = 5.0
-    save_every: int = 100
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    seed: int = 0
+    data: str = field(metadata={"help": "dataset path or Hub id with audio + speaker columns"})
+    output_dir: str = field(metadata={"help": "final model, official .pt, summary and loss plot"})
+    preset: str = field(default="b0", metadata={"help": "ReDimNet size: b0 ... b6"})
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # ReDimNetConfig fields, e.g. C: 8
+    train_split: str = field(default="train", metadata={"help": "split holding the training speakers"})
+    speaker_column: str = field(default="speaker_id", metadata={"help": "column naming each item's speaker"})
+    eval_split: str | None = field(default="test", metadata={"help": "split holding the trial files"})
+    trials: str | None = field(
+        default=None, metadata={"help": "CSV enroll_file,test_file,target for the held-out EER"}
+    )
+    noise_dir: str | None = field(
+        default=None, metadata={"help": "folder of noise recordings for augmentation"}
+    )
+    checkpoint_dir: str | None = field(default=None, metadata={"help": "none: <output_dir>/checkpoints"})
+    max_steps: int = field(default=300, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=32, metadata={"help": "crops per step"})
+    learning_rate: float = field(default=2e-3, metadata={"help": "peak learning rate"})
+    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay"})
+    warmup_steps: int = field(default=30, metadata={"help": "linear learning-rate warmup steps"})
+    margin: float = field(default=0.2, metadata={"help": "AAM-softmax margin"})
+    scale: float = field(default=30.0, metadata={"help": "AAM-softmax scale"})
+    margin_warmup_fraction: float = field(
+        default=0.3, metadata={"help": "fraction of the run over which the margin ramps up from 0"}
+    )
+    crop_seconds: tuple[float, float] = field(
+        default=(2.0, 3.0), metadata={"help": "MIN MAX crop length in seconds (one per batch)"}
+    )
+    speeds: tuple[float, ...] = field(
+        default=(1.0,), metadata={"help": "e.g. 1.0 0.9 1.1: speed perturbation (1.0 first)"}
+    )
+    noise_prob: float = field(default=0.6, metadata={"help": "share of crops that get noise"})
+    grad_clip: float = field(default=5.0, metadata={"help": "gradient norm clip"})
+    save_every: int = field(default=100, metadata={"help": "checkpoint every N steps"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "newest checkpoints kept"})
+    log_every: int = field(default=10, metadata={"help": "log the loss every N steps"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
     # torch intra-op threads (None: torch's default). On a CPU shared with other jobs, 1 is often several
     # times faster than the default, whose oneDNN worker threads spin against the other jobs.
-    num_threads: int | None = None
-    save_official: bool = True
-    resume: bool = True
+    num_threads: int | None = field(
+        default=None, metadata={"help": "torch intra-op threads; 1 is often fastest on a shared CPU"}
+    )
+    save_official: bool = field(
+        default=True, metadata={"help": "also save the official-layout .pt (--no_save_official: skip it)"}
+    )
+    resume: bool = field(
+        default=True, metadata={"help": "continue from the newest checkpoint (--no_resume: start afresh)"}
+    )
+
+    def __post_init__(self) -> None:
+        # Command lines give lists; the run and its summary use tuples.
+        self.crop_seconds = tuple(float(v) for v in self.crop_seconds)
+        self.speeds = tuple(float(v) for v in self.speeds)
+        if len(self.crop_seconds) != 2:
+            raise ValueError(f"crop_seconds needs two values (MIN MAX), got {list(self.crop_seconds)}")
 
 
 class _Progress:

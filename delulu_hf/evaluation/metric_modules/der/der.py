@@ -1,9 +1,10 @@
-"""Diarization error rate (DER) as an `evaluate` metric module.
+"""Diarization error rate (DER) as an `evaluate` metric module: segments per recording in, DER out.
 
 Load it offline with ``evaluate.load("<path to this folder>")``. Each example is one recording:
 its hypothesis and reference as lists of ``{"start", "end", "speaker"}`` segments. The per-file
-error durations come from ``delulu_hf.evaluation.metrics.diarization_error_rate`` and are summed
-over files before dividing, so long recordings weigh more (as md-eval and pyannote do).
+error durations come from ``delulu_hf.evaluation.metrics.diarization_error_rate`` (computed by
+``pyannote.metrics``) and are summed over files before dividing, so long recordings weigh more
+(as md-eval and pyannote do).
 """
 
 import datasets

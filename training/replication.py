@@ -1,5 +1,9 @@
 """Small-scale replication of DELULU's central claim: speaker-aware labels vs content (MFCC) labels.
 
+In: a corpus, a teacher and the demo config; out: ``results.json``, ``results.md`` and plots. This is
+an experiment, not library code: it lives beside its command line (``training/replicate.py``) and
+uses only the package-level names of ``delulu_hf``.
+
 At equal data, model size, steps and seeds, an encoder pretrained on ReDimNet k-means ids (DELULU)
 should carry more speaker information than one pretrained on MFCC k-means ids (the HuBERT-style
 control). This module is the experiment's plan and orchestration; every stage is the project's own
@@ -11,12 +15,18 @@ code, so the replication measures the pipeline that ships:
    settings as ``training/configs/demo.yaml``, training split only, with the purity/NMI report;
 3. pretraining: ``training/pretrain.py`` (subprocesses, so each run has a fresh accelerate state)
    for every variant x seed, identical encoder config and steps;
-4. evaluation: ``delulu_hf.evaluation.tasks.run_evaluation`` on the held-out speakers, plus the
+4. evaluation: ``delulu_hf.evaluation.run_evaluation`` on the held-out speakers, plus the
    references that need no pretraining (MFCC mean, a randomly initialised encoder, the teacher);
 5. aggregation over seeds (mean, sample std, min/max), ``results.json``, a Markdown table, plots.
 
 The evaluation seed is fixed (0) for every model so all models see the same trials, probe splits
 and generated mixtures; only the pretraining seed varies across repeats.
+
+When ``training/replicate.py`` runs, ``training/`` is ``sys.path[0]``, so ``training/evaluate.py``
+shadows the Hugging Face ``evaluate`` library in that process. That is harmless: nothing run here
+imports ``evaluate`` (the evaluation calls ``delulu_hf.evaluation`` directly; transformers,
+accelerate and datasets do not import it), and tests load this file by path, never by putting
+``training/`` on ``sys.path``.
 """
 
 from __future__ import annotations
@@ -30,17 +40,27 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
+from delulu_hf.atomic import (
+    TMP_PREFIX,
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
+    fsync_tree,
+    replace_dir,
+)
+
 logger = logging.getLogger(__name__)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join(REPO, "training", "configs", "demo.yaml")
-EVAL_TASKS = ("verification", "profiling", "counting", "diarization")
+EVAL_TASKS = ("verification", "verification_downstream", "profiling", "counting", "diarization")
 QUICK_STEPS, FULL_STEPS = 20, 1600
 FULL_SEEDS = (0, 1, 2)  # the control's EER spread over 2 seeds was 4 points: 3 seeds give a usable std
 EVAL_SEED = 0  # identical trials / probe splits / generated mixtures for every model
@@ -54,6 +74,16 @@ class Variant:
     labels: str  # "redimnet" (teacher k-means) or "mfcc" (HuBERT-style control)
     denoise_loss_weight: float | None  # None: the DeluluConfig default (lambda = 0.1)
     description: str
+    # Teacher distillation (DeluluConfig.distill_*): 0 = off. With cluster_loss_weight 0 the cluster
+    # ids only mark real frames and the regression alone trains the encoder.
+    distill_loss_weight: float = 0.0
+    cluster_loss_weight: float = 1.0
+    distill_target: str = "window-embedding"
+
+    @property
+    def teacher_informed(self) -> bool:
+        """Whether the teacher shapes the targets (its k-means ids or its features)."""
+        return self.labels != "mfcc" or self.distill_loss_weight > 0
 
 
 VARIANTS: tuple[Variant, ...] = (
@@ -72,6 +102,22 @@ VARIANTS: tuple[Variant, ...] = (
         "labels from ReDimNet's embedding head over a 1 s window per frame (our reading of 'frame-level "
         "speaker embeddings'), default lambda",
     ),
+    Variant(
+        "delulu_distill",
+        "redimnet",
+        None,
+        "no k-means: regression (cosine) of the teacher's standardised 1 s window embeddings at every frame "
+        "(DistilHuBERT-style distillation; cluster loss weight 0, inputs corrupted as for DELULU)",
+        distill_loss_weight=1.0,
+        cluster_loss_weight=0.0,
+    ),
+    Variant(
+        "delulu_window_distill",
+        "redimnet_window",
+        None,
+        "delulu_window's masked cluster loss plus the delulu_distill regression (weight 1 each)",
+        distill_loss_weight=1.0,
+    ),
 )
 # "redimnet": the paper's pre-pooling frame features; "redimnet_window": sliding-window embeddings
 # (``ReDimNetWindowEmbeddings``); "mfcc": HuBERT's first-iteration control.
@@ -81,6 +127,7 @@ LABEL_SETS = ("redimnet", "redimnet_window", "mfcc")
 METRICS: dict[str, tuple[str, bool, bool]] = {
     "eer_last": ("EER last layer", True, True),
     "eer_best": ("EER best layer", True, True),
+    "eer_downstream": ("EER downstream", True, True),
     "min_dcf_0.01_last": ("minDCF0.01 last", True, False),
     "min_dcf_0.05_last": ("minDCF0.05 last", True, False),
     "gender_accuracy": ("gender acc", False, True),
@@ -121,6 +168,9 @@ class ReplicationPlan:
     eval_mixtures_per_count: int = 12
     model_overrides: dict = dataclasses.field(default_factory=dict)  # tiny encoders in tests
     progress: bool = True
+    preset: str | None = None  # "gpu": GPU_PRESET's larger student and longer runs
+    pretrain_args: tuple[str, ...] = ()  # extra training/pretrain.py flags (e.g. bf16, data workers)
+    parallel: int = 1  # pretraining runs and evaluations at a time (subprocesses / worker processes)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -135,6 +185,29 @@ def _base_config_values(path: str) -> dict[str, Any]:
         return yaml.safe_load(handle) or {}
 
 
+# The GPU preset (``--preset gpu``): the same table with a 4x wider, 1.5x deeper student, 4x more audio
+# per step and 2.5x the steps, sized for <= 8 minutes on one H200 with runs in parallel (an estimate from
+# FLOP counts: no GPU has run it yet; see results/small_scale/README.md). ``--dry_run`` keeps everything
+# but runs GPU_DRY_RUN_STEPS steps with one seed, to check the code path on a CPU.
+GPU_PRESET: dict[str, Any] = {
+    "steps": 4000,
+    "max_batch_samples": 16000 * 64,
+    "max_sample_length": 16000 * 2,
+    "model_overrides": {
+        "hidden_size": 384,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 6,
+        "intermediate_size": 1536,
+        "conv_dim": [256] * 7,
+        "final_dim": 256,
+    },
+    "pretrain_args": ("--mixed_precision", "bf16", "--num_workers", "2"),
+    "parallel": 6,
+    "eval_batch_seconds": 240.0,
+}
+GPU_DRY_RUN_STEPS = 3
+
+
 def make_plan(
     quick: bool = False,
     seeds: Sequence[int] | None = None,
@@ -142,6 +215,8 @@ def make_plan(
     output: str = "runs/replicate",
     results_dir: str = "results/small_scale",
     retrain_teacher: bool = False,
+    preset: str | None = None,
+    dry_run: bool = False,
     **overrides: Any,
 ) -> ReplicationPlan:
     """The experiment plan.
@@ -155,6 +230,18 @@ def make_plan(
     ``k`` and the label fit settings come from the base (demo) config so the labels match it.
     """
     base = _base_config_values(overrides.get("base_config", DEMO_CONFIG))
+    if preset not in (None, "gpu"):
+        raise ValueError(f"unknown preset {preset!r}; choose 'gpu'")
+    if dry_run and preset is None:
+        raise ValueError("--dry_run goes with --preset gpu (it checks that preset's code path on a CPU)")
+    if preset == "gpu":
+        gpu = {k: v for k, v in GPU_PRESET.items() if k != "steps"}
+        overrides = {**gpu, **overrides, "preset": "gpu"}
+        if steps is None:
+            steps = GPU_DRY_RUN_STEPS if dry_run else GPU_PRESET["steps"]
+        if dry_run:
+            seeds = seeds if seeds is not None else (0,)
+            overrides["pretrain_args"] = ("--num_workers", "1")  # no bf16 on a CPU
     if seeds is not None and len(seeds) == 0:
         raise ValueError("--seeds needs at least one seed")
     if seeds is None:
@@ -164,7 +251,9 @@ def make_plan(
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     mode = "quick" if quick else "full"
-    if (quick and (tuple(seeds) != (0,) or steps != QUICK_STEPS)) or (
+    if preset == "gpu":
+        mode = "gpu-dry-run" if dry_run else "gpu"
+    elif (quick and (tuple(seeds) != (0,) or steps != QUICK_STEPS)) or (
         not quick and (tuple(seeds) != FULL_SEEDS or steps != FULL_STEPS)
     ):
         mode = "custom"
@@ -187,7 +276,7 @@ def make_plan(
     if "variants" in values:
         values["variants"] = tuple(values["variants"])
     plan = ReplicationPlan(**values)
-    unknown = [t for t in plan.tasks if t not in ("verification", "profiling", "counting", "diarization")]
+    unknown = [t for t in plan.tasks if t not in EVAL_TASKS]
     if unknown:
         raise ValueError(f"unsupported evaluation task(s) {unknown}")
     return plan
@@ -196,6 +285,20 @@ def make_plan(
 # =============================================================================================
 # Stages
 # =============================================================================================
+
+
+def _publish_dir(dest: str, build: Callable[[str], None]) -> None:
+    """``build(tmp)`` a folder beside ``dest`` and swap it into place (``delulu_hf.atomic``), so a
+    killed run leaves either no ``dest`` or a complete one, never a half-copied model."""
+    parent = os.path.dirname(os.path.abspath(dest))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f"{TMP_PREFIX}{os.path.basename(dest)}-")
+    try:
+        build(tmp)
+        fsync_tree(tmp)
+        replace_dir(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _run(cmd: list[str], log_path: str, what: str) -> None:
@@ -240,10 +343,7 @@ def prepare_teacher(plan: ReplicationPlan) -> str:
             )
         )
         return dest
-    tmp = dest + f".tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(plan.teacher, tmp)
-    os.replace(tmp, dest)
+    _publish_dir(dest, lambda tmp: shutil.copytree(plan.teacher, tmp, dirs_exist_ok=True))
     return dest
 
 
@@ -286,18 +386,18 @@ def prepare_labels(plan: ReplicationPlan, label_set: str, teacher: str) -> Label
         source = ["--features", "mfcc"] if label_set == "mfcc" else ["--teacher", teacher]
         if label_set == "redimnet_window":
             source += [
-                "--teacher-output",
+                "--teacher_output",
                 "window-embedding",
-                "--window-seconds",
+                "--window_seconds",
                 str(plan.label_window_seconds),
             ]
         cmd = [sys.executable, os.path.join(REPO, "training", "prepare_labels.py"), "--data", plan.data]
-        cmd += ["--split", "train", *source, "--model-config", config_path, "--k", str(plan.k)]
-        cmd += ["--max-frames", str(plan.label_max_frames), "--n-init", str(plan.label_n_init)]
+        cmd += ["--split", "train", *source, "--model_config", config_path, "--k", str(plan.k)]
+        cmd += ["--max_frames", str(plan.label_max_frames), "--n_init", str(plan.label_n_init)]
         if plan.label_fit_hours is not None:
-            cmd += ["--fit-hours", str(plan.label_fit_hours)]
+            cmd += ["--fit_hours", str(plan.label_fit_hours)]
         cmd += ["--output", folder, "--report", os.path.join(folder, "report")]
-        cmd += ["--cache-dir", os.path.join(plan.output, "cache", "datasets")]
+        cmd += ["--cache_dir", os.path.join(plan.output, "cache", "datasets")]
         _run(cmd, os.path.join(folder, "prepare_labels.log"), f"labels ({label_set})")
     with open(report_path, encoding="utf-8") as handle:
         report = json.load(handle)
@@ -329,10 +429,18 @@ def pretrain_command(plan: ReplicationPlan, variant: Variant, seed: int, labels:
         cmd += ["--min_sample_length", str(min(16000, plan.max_sample_length))]
     if plan.max_batch_samples is not None:
         cmd += ["--max_batch_samples", str(plan.max_batch_samples)]
+    cmd += list(plan.pretrain_args)
     for key, value in {**plan.model_overrides, "num_clusters": plan.k}.items():
         cmd += [f"--model.{key}", json.dumps(value)]
     if variant.denoise_loss_weight is not None:
         cmd += ["--model.denoise_loss_weight", str(float(variant.denoise_loss_weight))]
+    if variant.distill_loss_weight > 0:  # the run's teacher copy computes the targets in every step
+        cmd += ["--teacher", os.path.join(plan.output, "teacher")]
+        cmd += ["--model.distill_loss_weight", str(float(variant.distill_loss_weight))]
+        cmd += ["--model.distill_target", variant.distill_target]
+        cmd += ["--model.distill_window_seconds", str(float(plan.label_window_seconds))]
+    if variant.cluster_loss_weight != 1.0:
+        cmd += ["--model.cluster_loss_weight", str(float(variant.cluster_loss_weight))]
     return cmd
 
 
@@ -354,8 +462,7 @@ def random_init_model(plan: ReplicationPlan, labels: LabelRun, seed: int) -> str
     "no pretraining" reference that says how much speaker information the architecture alone gives."""
     import torch
 
-    from delulu_hf import DeluluConfig, DeluluForPreTraining
-    from delulu_hf.modeling_delulu import default_feature_extractor
+    from delulu_hf import DeluluConfig, DeluluForPreTraining, default_feature_extractor
 
     folder = os.path.join(plan.output, "random_init", f"seed{seed}")
     if os.path.isfile(os.path.join(folder, "config.json")):
@@ -365,11 +472,12 @@ def random_init_model(plan: ReplicationPlan, labels: LabelRun, seed: int) -> str
         setattr(config, key, value)
     torch.manual_seed(seed)
     model = DeluluForPreTraining(config)
-    tmp = folder + f".tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    default_feature_extractor(config, do_normalize=True).save_pretrained(tmp)
-    os.replace(tmp, folder)
+
+    def save(tmp: str) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        default_feature_extractor(config, do_normalize=True).save_pretrained(tmp)
+
+    _publish_dir(folder, save)
     return folder
 
 
@@ -378,7 +486,7 @@ def evaluate(plan: ReplicationPlan, name: str, model: str) -> dict[str, Any]:
     layer are kept in ``curves.npz`` for the combined DET plot."""
     import torch
 
-    from delulu_hf.evaluation.tasks import run_evaluation
+    from delulu_hf.evaluation import run_evaluation
 
     out = os.path.join(plan.output, "eval", name)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -393,17 +501,17 @@ def evaluate(plan: ReplicationPlan, name: str, model: str) -> dict[str, Any]:
         seed=EVAL_SEED,
         cache_dir=os.path.join(out, "cache"),
         mixtures_per_count=plan.eval_mixtures_per_count,
-        command=f"delulu_hf.replication.evaluate({name!r}, {model!r})",
+        command=f"training/replication.py evaluate({name!r}, {model!r})",
         progress=plan.progress,
     )
     curves = results.get("tasks", {}).get("verification", {}).get("_curves", {})
     arrays = {}
     for i, (_name, (scores, target)) in enumerate(curves.items()):
         arrays[f"scores_{i}"], arrays[f"labels_{i}"] = np.asarray(scores), np.asarray(target)
-    if arrays:
-        tmp = os.path.join(out, f".curves-{os.getpid()}.npz")
-        np.savez(tmp, names=np.array(list(curves)), **arrays)
-        os.replace(tmp, os.path.join(out, "curves.npz"))
+    if arrays:  # the temporary name ends in .npz, so np.savez keeps it as given
+        atomic_write(
+            os.path.join(out, "curves.npz"), lambda tmp: np.savez(tmp, names=np.array(list(curves)), **arrays)
+        )
     return results
 
 
@@ -436,6 +544,7 @@ def headline_metrics(results: dict[str, Any]) -> dict[str, float | None]:
     return {
         "eer_last": get("verification", "eer"),
         "eer_best": get("verification", "best_layer_eer"),
+        "eer_downstream": get("verification_downstream", "eer"),
         "min_dcf_0.01_last": get("verification", "min_dcf_0.01"),
         "min_dcf_0.05_last": get("verification", "min_dcf_0.05"),
         "gender_accuracy": get("profiling", "gender", "accuracy"),
@@ -518,13 +627,89 @@ def label_summary(report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# Teacher-informed models named in the verdict, in table order.
+VERDICT_LABELS = {
+    "delulu": "DELULU",
+    "delulu_window": "DELULU-window",
+    "delulu_distill": "DELULU-distill",
+    "delulu_window_distill": "DELULU-window+distill",
+}
+# A teacher-informed model "beats" a reference in a metric when its mean EER is lower by more than
+# twice the larger of the two seed stds (both need >= 2 seeds, or the reference has no spread at all).
+DECISION_METRICS = ("eer_last", "eer_downstream")
+DECISION_REFERENCES = ("mfcc_control", "random_init")
+
+
 def verdict(summary: dict[str, dict[str, dict[str, Any]]]) -> str:
-    """One sentence per ReDimNet-label model comparing its zero-shot last-layer EER with the
-    control's, with the seed spread."""
+    """One sentence per teacher-informed model comparing its zero-shot last-layer EER with the
+    control's, with the seed spread, then the decision: which of them beat both the MFCC control and
+    the untrained encoder in zero-shot *and* downstream EER by more than twice the larger seed std."""
     sentences = [_compare(summary, "delulu", "DELULU")]
-    if "delulu_window" in summary:
-        sentences.append(_compare(summary, "delulu_window", "DELULU-window"))
+    for name, label in VERDICT_LABELS.items():
+        if name != "delulu" and name in summary:
+            sentences.append(_compare(summary, name, label))
+    measured = [n for n in VERDICT_LABELS if n in summary and all(r in summary for r in DECISION_REFERENCES)]
+    if measured:
+        winners = [
+            n
+            for n in measured
+            if all(beats(summary, n, r, m) for r in DECISION_REFERENCES for m in DECISION_METRICS)
+        ]
+        if winners:
+            sentences.append(
+                "Decided: "
+                + ", ".join(VERDICT_LABELS[n] for n in winners)
+                + " beat(s) both the MFCC control and "
+                "the untrained encoder in zero-shot and downstream EER by more than twice the larger seed std."
+            )
+        else:
+            sentences.append(
+                "Not decided: no teacher-informed model beats both the MFCC control and the untrained encoder in "
+                "zero-shot and downstream EER by more than twice the larger seed std."
+            )
     return " ".join(sentences)
+
+
+def beats(summary: dict[str, dict[str, dict[str, Any]]], name: str, reference: str, metric: str) -> bool:
+    """``name``'s mean ``metric`` (an error rate) is below ``reference``'s by more than twice the larger
+    seed std; needs a spread for ``name`` (>= 2 seeds)."""
+    a = summary.get(name, {}).get(metric, {})
+    b = summary.get(reference, {}).get(metric, {})
+    if a.get("mean") is None or b.get("mean") is None or a.get("std") is None:
+        return False
+    if b.get("std") is None and b.get("n", 1) > 1:
+        return False
+    spread = max(a["std"], b.get("std") or 0.0)
+    return b["mean"] - a["mean"] > 2 * spread
+
+
+def comparison_table(summary: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """Markdown: each teacher-informed model's EER gap to each reference (points; + = better) with the
+    threshold (twice the larger seed std) and whether it is passed."""
+    rows = []
+    for name in VERDICT_LABELS:
+        if name not in summary:
+            continue
+        cells = []
+        for reference in DECISION_REFERENCES:
+            for metric in DECISION_METRICS:
+                a, b = summary[name].get(metric, {}), summary.get(reference, {}).get(metric, {})
+                if a.get("mean") is None or b.get("mean") is None:
+                    cells.append("-")
+                    continue
+                gap = 100 * (b["mean"] - a["mean"])
+                bar = 200 * max(a.get("std") or 0.0, b.get("std") or 0.0)
+                mark = "**yes**" if beats(summary, name, reference, metric) else "no"
+                cells.append(f"{gap:+.1f} (> {bar:.1f}? {mark})")
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    if not rows:
+        return ""
+    header = "| model | " + " | ".join(
+        f"vs {r}, {'zero-shot' if m == 'eer_last' else 'downstream'}"
+        for r in DECISION_REFERENCES
+        for m in DECISION_METRICS
+    )
+    return "\n".join([header + " |", "|---|" + "---|" * 4, *rows]) + "\n"
 
 
 def _compare(summary: dict[str, dict[str, dict[str, Any]]], name: str, label: str) -> str:
@@ -557,9 +742,13 @@ def _pyplot():
     return plt
 
 
+def _save_figure(fig: Any, path: str) -> None:
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+
+
 def plot_det(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str, title: str) -> str:
     """DET curves of several models on one set of axes (the evaluation module's plotter)."""
-    from delulu_hf.evaluation.metrics import plot_det_curves
+    from delulu_hf.evaluation import plot_det_curves
 
     return str(plot_det_curves(curves, path, title=title))
 
@@ -587,16 +776,16 @@ def plot_eer_per_layer(layers: dict[str, list[list[tuple[str, float]]]], path: s
     ax.set_title("EER per layer (held-out speakers)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save_figure(fig, path)
     plt.close(fig)
     return path
 
 
 def plot_loss_curves(metric_files: dict[str, str], path: str) -> str | None:
     """Masked loss and masked-frame accuracy against step for every pretraining run."""
-    from delulu_hf.pretraining import MetricsLog
+    from delulu_hf import pretraining as P
 
-    records = {name: MetricsLog.read(f) for name, f in metric_files.items()}
+    records = {name: P.MetricsLog.read(f) for name, f in metric_files.items()}
     records = {name: r for name, r in records.items() if r}
     if not records:
         return None
@@ -614,7 +803,7 @@ def plot_loss_curves(metric_files: dict[str, str], path: str) -> str | None:
         "Note: ReDimNet and MFCC targets differ, losses are not comparable across label sets", fontsize=7
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -642,7 +831,7 @@ def plot_cluster_diagnostics(label_runs: dict[str, LabelRun], path: str) -> str:
     ax_occ.set_title("occupancy")
     ax_occ.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -650,14 +839,6 @@ def plot_cluster_diagnostics(label_runs: dict[str, LabelRun], path: str) -> str:
 # =============================================================================================
 # The whole experiment
 # =============================================================================================
-
-
-def _atomic_write(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
 
 
 def _environment() -> dict[str, Any]:
@@ -696,7 +877,7 @@ def run_replication(
         return value
 
     os.makedirs(plan.output, exist_ok=True)
-    _atomic_write(os.path.join(plan.output, "plan.json"), json.dumps(plan.to_dict(), indent=2) + "\n")
+    atomic_write_json(os.path.join(plan.output, "plan.json"), plan.to_dict(), sort_keys=False)
     n_stages = 1 + len({v.labels for v in plan.variants}) + len(plan.variants) * len(plan.seeds) * 2 + 3
     bar = tqdm(total=n_stages, desc="replicate", disable=not plan.progress)
 
@@ -708,18 +889,31 @@ def run_replication(
         bar.update()
 
     models: dict[str, list[tuple[int, str]]] = {}
-    for variant in plan.variants:
-        for seed in plan.seeds:
-            final = timed(
-                f"pretrain/{variant.name}/seed{seed}",
-                pretrain,
-                plan,
-                variant,
-                seed,
-                label_runs[variant.labels],
+    jobs = [(variant, seed) for variant in plan.variants for seed in plan.seeds]
+    if plan.parallel > 1:  # subprocesses: threads only wait for them
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(plan.parallel) as pool:
+            finals = list(
+                pool.map(
+                    lambda job: timed(
+                        f"pretrain/{job[0].name}/seed{job[1]}",
+                        pretrain,
+                        plan,
+                        *job,
+                        label_runs[job[0].labels],
+                    ),
+                    jobs,
+                )
             )
-            models.setdefault(variant.name, []).append((seed, final))
+    else:
+        finals = []
+        for variant, seed in jobs:
+            stage = f"pretrain/{variant.name}/seed{seed}"
+            finals.append(timed(stage, pretrain, plan, variant, seed, label_runs[variant.labels]))
             bar.update()
+    for (variant, seed), final in zip(jobs, finals):
+        models.setdefault(variant.name, []).append((seed, final))
 
     references = {
         "mfcc_mean": [(EVAL_SEED, "mfcc")],
@@ -730,10 +924,27 @@ def run_replication(
     layers: dict[str, list[list[tuple[str, float]]]] = {}
     runs: dict[str, list[dict[str, Any]]] = {}
     det_curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    evaluations = {}
+    if plan.parallel > 1:  # worker processes (spawned: each has its own torch/CUDA state and RNGs)
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(plan.parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {}
+            for name, entries in {**models, **references}.items():
+                for seed, model in entries:
+                    tag = f"{name}-seed{seed}" if name in models or name == "random_init" else name
+                    futures[tag] = (time.time(), pool.submit(evaluate, plan, tag, model))
+            for tag, (t0, future) in futures.items():
+                evaluations[tag] = future.result()
+                timings[f"eval/{tag}"] = round(time.time() - t0, 1)
     for name, entries in {**models, **references}.items():
         for seed, model in entries:
             tag = f"{name}-seed{seed}" if name in models or name == "random_init" else name
-            results = timed(f"eval/{tag}", evaluate, plan, tag, model)
+            if tag in evaluations:
+                results = evaluations[tag]
+            else:
+                results = timed(f"eval/{tag}", evaluate, plan, tag, model)
             metrics = headline_metrics(results)
             per_seed.setdefault(name, []).append(metrics)
             layers.setdefault(name, []).append(per_layer_eer(results))
@@ -822,8 +1033,8 @@ def run_replication(
         "verdict": verdict(summary),
         "plots": plots,
     }
-    _atomic_write(os.path.join(plan.results_dir, "results.json"), json.dumps(results, indent=2) + "\n")
-    _atomic_write(os.path.join(plan.results_dir, "results.md"), results_markdown(results, seeds_of))
+    atomic_write_json(os.path.join(plan.results_dir, "results.json"), results, sort_keys=False)
+    atomic_write_text(os.path.join(plan.results_dir, "results.md"), results_markdown(results, seeds_of))
     return results
 
 
@@ -855,6 +1066,10 @@ def results_markdown(results: dict[str, Any], seeds_of: dict[str, int] | None = 
         "same encoder, untrained), **teacher** (the ReDimNet's own embedding)",
         "",
         f"**{results['verdict']}**",
+        "",
+        "Gaps in EER points to each reference (+ = the model is better), against twice the larger seed std:",
+        "",
+        comparison_table(results["summary"]).rstrip() or "(no teacher-informed model measured)",
         "",
         "## Label diagnostics (training split, vs training speakers)",
         "",

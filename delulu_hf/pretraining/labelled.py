@@ -119,7 +119,7 @@ def prepare_pretraining_dataset(
             dataset = _drop_misfits(dataset, model_config, skipped, source.origin)
         provenance = dict(centroids.provenance) if centroids is not None else {}
         data = LabelledData(dataset, centroids, provenance, source=source, skipped=skipped)
-        return _drop_unlabelled(data, already_recorded=len(source.skipped))
+        return _drop_unlabelled(data)
     if source.kind == "labelled-corpus":
         raise UserError(
             f"{source.corpus.dataset_path} has no {LABEL_COLUMN} column: the folder is not a complete prepare_labels.py output"
@@ -376,11 +376,9 @@ def _drop_misfits(dataset, model_config, skipped: SkippedItems, origin: str):
     return dataset.select(np.setdiff1d(np.arange(len(dataset)), misfit).tolist())
 
 
-def _drop_unlabelled(
-    data: LabelledData, reasons: dict[str, str] | None = None, already_recorded: int = 0
-) -> LabelledData:
-    """Remove items the label pipeline skipped (null ``cluster_ids``), recording them (unless the
-    manifest's list, ``already_recorded`` items, covers them)."""
+def _drop_unlabelled(data: LabelledData, reasons: dict[str, str] | None = None) -> LabelledData:
+    """Remove items the label pipeline skipped (null ``cluster_ids``), recording them (the ledger
+    keeps one entry per name: items labels.json already listed are not counted twice)."""
     import pyarrow.compute as pc
 
     from delulu_hf.pretraining.data import item_names
@@ -390,7 +388,7 @@ def _drop_unlabelled(
     if not valid.all():
         data.dropped = int((~valid).sum())
         missing = item_names(data.dataset.select(np.flatnonzero(~valid).tolist()))
-        if data.skipped is not None and data.dropped > already_recorded:
+        if data.skipped is not None:
             for name in missing:
                 reason = (reasons or {}).get(name, "no cluster_ids (left out by the label pass)")
                 data.skipped.add(name, reason, "labelling")
